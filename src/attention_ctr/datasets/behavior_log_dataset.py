@@ -1,0 +1,73 @@
+"""A raw behaviour log in one of the supported formats, read lazily."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+from kedro.io.core import AbstractDataset, DatasetError
+
+from attention_ctr.raw_logs import FORMATS, READERS, RawEvents, write_taobao
+
+
+@dataclass(frozen=True)
+class BehaviorLogSource:
+    """Where a raw log lives and how to parse it; `read()` does the parsing."""
+
+    filepath: str
+    format: str
+    read_args: dict = field(default_factory=dict)
+
+    def read(self) -> RawEvents:
+        return READERS[self.format](self.filepath, **self.read_args)
+
+
+class BehaviorLogDataset(AbstractDataset[pd.DataFrame, BehaviorLogSource]):
+    """Raw behaviour logs: Taobao UserBehavior CSV, a MovieLens directory or an Amazon-style CSV.
+
+    Loading returns a `BehaviorLogSource` rather than the rows, so a pipeline can list several
+    sources and parse only the one its parameters select. Saving writes the Taobao format (what
+    the synthetic generator produces); the other formats are read-only.
+
+    Example catalog entry::
+
+        raw_behavior_logs:
+          type: attention_ctr.datasets.BehaviorLogDataset
+          format: movielens            # taobao | movielens | amazon
+          filepath: data/01_raw/ml-latest-small   # directory with ratings.csv and movies.csv
+    """
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        format: str = "taobao",  # noqa: A002 - the catalog key users write
+        read_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if format not in FORMATS:
+            raise DatasetError(
+                f"Unknown raw log format {format!r} for {filepath}; expected one of {FORMATS}"
+            )
+        self._filepath = PurePosixPath(filepath)
+        self._format = format
+        self._read_args = dict(read_args or {})
+        self.metadata = metadata
+
+    def load(self) -> BehaviorLogSource:
+        return BehaviorLogSource(str(self._filepath), self._format, self._read_args)
+
+    def save(self, data: pd.DataFrame) -> None:
+        if self._format != "taobao":
+            raise DatasetError(
+                f"Raw logs in {self._format} format at {self._filepath} are read-only"
+            )
+        write_taobao(data, Path(self._filepath))
+
+    def _exists(self) -> bool:
+        return Path(self._filepath).exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "format": self._format}

@@ -1,0 +1,172 @@
+"""Ingestion: generate or read raw behaviour logs, validate them, quarantine the bad rows."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from attention_ctr.datasets import BehaviorLogSource
+from attention_ctr.raw_logs import RawEvents, RawLogError
+from attention_ctr.synthetic import LOG_COLUMNS, SyntheticLogConfig, generate_behavior_logs
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("synthetic", "raw")
+# Checked in this order; a row is quarantined with the first reason it fails.
+REASONS = (
+    "malformed_row",
+    "missing_value",
+    "bad_type",
+    "negative_id",
+    "unknown_behavior",
+    "timestamp_out_of_range",
+    "duplicate",
+)
+QUARANTINE_COLUMNS = ["line", "reason", *LOG_COLUMNS, "raw_text"]
+
+
+def generate_synthetic_logs(params: dict) -> pd.DataFrame:
+    """Generate the seeded synthetic behaviour log (Taobao UserBehavior shape)."""
+    return generate_behavior_logs(SyntheticLogConfig.from_params(params))
+
+
+def read_behavior_logs(
+    synthetic_logs: BehaviorLogSource, raw_logs: BehaviorLogSource, source: str
+) -> RawEvents:
+    """Parse the log that `ingestion.source` selects: the synthetic one or the catalog's raw one."""
+    if source not in SOURCES:
+        raise ValueError(f"Parameter ingestion.source is {source!r}; expected one of {SOURCES}")
+    chosen = synthetic_logs if source == "synthetic" else raw_logs
+    logger.info("Reading %s behaviour log %s (%s format)", source, chosen.filepath, chosen.format)
+    return chosen.read()
+
+
+def _integers(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """(values as float64 with NaN where not an integer, mask of present-but-not-integer)."""
+    if pd.api.types.is_integer_dtype(column.dtype) and not pd.api.types.is_extension_array_dtype(
+        column.dtype
+    ):
+        return column.astype("float64"), np.zeros(len(column), dtype=bool)
+    numbers = pd.to_numeric(column, errors="coerce").astype("float64")
+    not_integer = numbers.notna().to_numpy() & (np.floor(numbers) != numbers).to_numpy()
+    numbers[not_integer] = np.nan
+    bad = column.notna().to_numpy() & numbers.isna().to_numpy()
+    return numbers, bad
+
+
+def _timestamp_bounds(params: dict) -> tuple[int, int]:
+    low = pd.Timestamp(params["min_timestamp"], tz="UTC")
+    high = params.get("max_timestamp")
+    high = pd.Timestamp.now(tz="UTC") + pd.Timedelta(days=1) if high is None else pd.Timestamp(
+        high, tz="UTC"
+    )
+    return int(low.timestamp()), int(high.timestamp())
+
+
+def validate_behavior_logs(
+    raw: RawEvents, params: dict
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Split parsed rows into valid interactions and a quarantine with reasons and counts."""
+    frame = raw.frame
+    n = len(frame)
+    reason = np.zeros(n, dtype=np.int8)  # 0 = valid, else 1 + index into REASONS
+
+    def flag(name: str, failed: np.ndarray) -> None:
+        reason[(reason == 0) & failed] = REASONS.index(name) + 1
+
+    missing = np.zeros(n, dtype=bool)
+    for column in LOG_COLUMNS:
+        values = frame[column]
+        missing |= values.isna().to_numpy()
+        if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
+            missing |= (values.astype("str").str.strip() == "").to_numpy() & values.notna().to_numpy()
+    flag("missing_value", missing)
+
+    typed = {}
+    for column in (*raw.numeric_ids, "timestamp"):
+        typed[column], bad_type = _integers(frame[column])
+        flag("bad_type", bad_type)
+    negative = np.zeros(n, dtype=bool)
+    for column in raw.numeric_ids:
+        negative |= (typed[column] < 0).to_numpy()
+    flag("negative_id", negative)
+
+    behavior = frame["behavior"].astype("str")
+    allowed = list(params["behaviors"])
+    flag("unknown_behavior", ~behavior.isin(allowed).to_numpy())
+
+    low, high = _timestamp_bounds(params)
+    ts = typed["timestamp"]
+    flag("timestamp_out_of_range", ((ts < low) | (ts > high)).to_numpy())
+
+    valid = reason == 0
+    clean = pd.DataFrame(
+        {
+            c: (typed[c] if c in typed else frame[c]).to_numpy()[valid]
+            for c in LOG_COLUMNS
+            if c != "behavior"
+        }
+    )
+    for column in (*raw.numeric_ids, "timestamp"):
+        clean[column] = clean[column].astype("int64")
+    for column in set(("user_id", "item_id", "category_id")) - set(raw.numeric_ids):
+        clean[column] = clean[column].astype("str")
+    clean["behavior"] = pd.Categorical(behavior.to_numpy()[valid], categories=allowed)
+    duplicate = clean.duplicated(["user_id", "item_id", "behavior", "timestamp"]).to_numpy()
+    reason[np.flatnonzero(valid)[duplicate]] = REASONS.index("duplicate") + 1
+    interactions = clean.loc[~duplicate, LOG_COLUMNS].reset_index(drop=True)
+
+    bad = reason > 0
+    quarantine = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "line": frame["line"].to_numpy()[bad],
+                    "reason": np.asarray(REASONS, dtype=object)[reason[bad] - 1],
+                    **{c: frame[c].astype("str").to_numpy()[bad] for c in LOG_COLUMNS},
+                    "raw_text": None,
+                }
+            ),
+            pd.DataFrame(
+                {
+                    "line": raw.malformed["line"].to_numpy(),
+                    "reason": "malformed_row",
+                    "raw_text": raw.malformed["text"].to_numpy(),
+                }
+            ),
+        ],
+        ignore_index=True,
+    )[QUARANTINE_COLUMNS]
+    quarantine = quarantine.astype({c: "str" for c in QUARANTINE_COLUMNS[1:]}).sort_values(
+        "line", kind="stable", ignore_index=True
+    )
+    counts = quarantine["reason"].value_counts()
+    report = {
+        "source": raw.source,
+        "rows_in": raw.rows_in,
+        "rows_kept": len(interactions),
+        "rows_quarantined": len(quarantine),
+        "quarantined_by_reason": {r: int(counts.get(r, 0)) for r in REASONS},
+        "users": int(interactions["user_id"].nunique()),
+        "items": int(interactions["item_id"].nunique()),
+        "categories": int(interactions["category_id"].nunique()),
+        "first_timestamp": int(interactions["timestamp"].min()) if len(interactions) else None,
+        "last_timestamp": int(interactions["timestamp"].max()) if len(interactions) else None,
+    }
+    assert report["rows_in"] == report["rows_kept"] + report["rows_quarantined"]
+    logger.info(
+        "Ingested %s: %d rows in, %d kept, %d quarantined %s",
+        raw.source,
+        report["rows_in"],
+        report["rows_kept"],
+        report["rows_quarantined"],
+        {r: c for r, c in report["quarantined_by_reason"].items() if c},
+    )
+    if not len(interactions):
+        raise RawLogError(
+            f"No valid rows in raw log {raw.source}: all {report['rows_in']} were quarantined "
+            f"{report['quarantined_by_reason']}"
+        )
+    return interactions, quarantine, report
