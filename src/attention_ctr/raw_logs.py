@@ -56,9 +56,16 @@ class RawEvents:
         return len(self.frame) + len(self.malformed)
 
 
-def _first_line(path: Path, expected: list[str]) -> str:
-    """The file's first non-empty line; RawLogError when the file is missing, binary or empty."""
-    hint = f"expected CSV rows with columns {','.join(expected)}"
+def _hint(expected: list[str]) -> str:
+    return f"expected CSV rows with columns {','.join(expected)}"
+
+
+def _first_line(path: Path, expected: list[str]) -> tuple[str, int]:
+    """(The file's first non-empty line, the number of empty lines before it).
+
+    RawLogError when the file is missing, binary or empty.
+    """
+    hint = _hint(expected)
     try:
         with path.open("rb") as fh:
             head = fh.read(64 * 1024)
@@ -70,11 +77,13 @@ def _first_line(path: Path, expected: list[str]) -> str:
         if exc.start < len(head) - 4:  # not just a multi-byte char cut at the buffer's end
             raise RawLogError(f"Raw log {path} is not UTF-8 text; {hint}") from None
         text = head[: exc.start].decode("utf-8")
+    text = text.removeprefix("\ufeff")  # a byte-order mark, which the CSV parser skips too
     if "\x00" in text:
         raise RawLogError(f"Raw log {path} is binary, not CSV text; {hint}")
-    for line in io.StringIO(text):
-        if line.strip():
-            return line.rstrip("\r\n")
+    for number, line in enumerate(io.StringIO(text)):
+        line = line.rstrip("\r\n")
+        if line:  # the CSV parser skips only truly empty lines, not whitespace
+            return line, number
     raise RawLogError(f"Raw log {path} is empty; {hint}")
 
 
@@ -93,9 +102,9 @@ def read_csv_rows(
     Clean files take a typed, multi-threaded pass. A file with bad values or lines is read
     again as strings on one thread, which is what gives exact line numbers for the quarantine.
     """
-    first = _first_line(path, columns)
+    first, leading_empty = _first_line(path, columns)
     fields = _split(first)
-    header_lines = 0
+    header_lines = leading_empty  # lines before the first data row
     if has_header:
         missing = [c for c in columns if c not in fields]
         if missing:
@@ -103,11 +112,11 @@ def read_csv_rows(
                 f"Raw log {path} lacks column(s) {missing}: its header is {fields}, "
                 f"expected columns {','.join(columns)}"
             )
-        header_lines = 1
+        header_lines += 1
         column_names = None
     else:
         if [f.strip().lower() for f in fields] == [c.lower() for c in columns]:
-            header_lines = 1  # a header row the format does not need: not a data row
+            header_lines += 1  # a header row the format does not need: not a data row
         elif len(fields) != len(columns):
             raise RawLogError(
                 f"Raw log {path} has {len(fields)} column(s) in its first row ({first[:80]!r}), "
@@ -125,11 +134,14 @@ def read_csv_rows(
             path,
             read_options=pacsv.ReadOptions(
                 column_names=column_names,
-                skip_rows=header_lines if column_names else 0,
+                skip_rows=header_lines if column_names else leading_empty,
                 use_threads=threaded,
                 block_size=16 << 20,
             ),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_bad_row),
+            # Empty lines stay rows (of missing values): row numbers are then file line numbers.
+            parse_options=pacsv.ParseOptions(
+                invalid_row_handler=on_bad_row, ignore_empty_lines=False
+            ),
             convert_options=pacsv.ConvertOptions(
                 include_columns=columns,
                 column_types=column_types,
@@ -145,15 +157,20 @@ def read_csv_rows(
     except pa.ArrowInvalid:
         clean = False
     except (OSError, pa.ArrowException) as exc:
-        raise RawLogError(f"Cannot parse raw log {path} as CSV: {exc}") from None
+        raise RawLogError(f"Cannot parse raw log {path} as CSV ({exc}); {_hint(columns)}") from None
     if not clean:
         bad = []
         try:
             table = read(typed=False, threaded=False, malformed=bad)
         except (OSError, pa.ArrowException) as exc:
-            raise RawLogError(f"Cannot parse raw log {path} as CSV: {exc}") from None
+            raise RawLogError(
+                f"Cannot parse raw log {path} as CSV ({exc}); {_hint(columns)}"
+            ) from None
 
-    frame = table.to_pandas()
+    if table.num_rows + len(bad) == 0:
+        raise RawLogError(f"Raw log {path} has no data rows; {_hint(columns)}")
+    # Nullable Int64 keeps integer columns with missing values exact (float64 rounds past 2**53).
+    frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     first_line = header_lines + 1
     if bad:
         bad_lines = np.array([n for n, _ in bad], dtype=np.int64)
@@ -209,7 +226,12 @@ def read_movielens(directory: str | Path, fav_rating: float = 4.0) -> RawEvents:
         ratings_path,
         MOVIELENS_RATINGS,
         True,
-        {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()},
+        {
+            "userId": pa.int64(),
+            "movieId": pa.int64(),
+            "rating": pa.float64(),
+            "timestamp": pa.int64(),
+        },
     )
     movies, bad_movies = read_csv_rows(
         movies_path, MOVIELENS_MOVIES, True, {c: pa.string() for c in MOVIELENS_MOVIES}

@@ -24,7 +24,7 @@ BEHAVIORS = ("pv", "cart", "fav", "buy")
 @dataclass(frozen=True)
 class SyntheticLogConfig:
     users: int = 2_000
-    items: int = 4_000
+    items: int = 6_000
     categories: int = 40
     events: int = 200_000
     seed: int = 42
@@ -51,6 +51,11 @@ class SyntheticLogConfig:
         values = dict(params)
         if isinstance(values.get("behavior_mix"), dict):
             mix = values["behavior_mix"]
+            if set(mix) - set(BEHAVIORS):
+                raise ValueError(
+                    f"Unknown behaviour(s) in ingestion.synthetic.behavior_mix: "
+                    f"{sorted(set(mix) - set(BEHAVIORS))}; expected some of {list(BEHAVIORS)}"
+                )
             values["behavior_mix"] = tuple(float(mix.get(b, 0.0)) for b in BEHAVIORS)
         config = cls(**values)
         config.check()
@@ -62,6 +67,8 @@ class SyntheticLogConfig:
             problems.append("users, items and categories must be positive")
         if self.items < self.categories:
             problems.append(f"items ({self.items}) must be >= categories ({self.categories})")
+        if self.min_events_per_user < 1:
+            problems.append("min_events_per_user must be >= 1 (every user needs a history)")
         if self.events < self.users * self.min_events_per_user:
             problems.append(
                 f"events ({self.events}) must be >= users * min_events_per_user "
@@ -72,9 +79,11 @@ class SyntheticLogConfig:
         for name in ("session_switch_prob", "drift_prob", "noise_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must lie in [0, 1]")
-        if len(self.behavior_mix) != len(BEHAVIORS) or min(self.behavior_mix) < 0 or sum(
-            self.behavior_mix
-        ) <= 0:
+        if (
+            len(self.behavior_mix) != len(BEHAVIORS)
+            or min(self.behavior_mix) < 0
+            or sum(self.behavior_mix) <= 0
+        ):
             problems.append(f"behavior_mix needs non-negative weights for {BEHAVIORS}")
         if problems:
             raise ValueError("Invalid ingestion.synthetic parameters: " + "; ".join(problems))
@@ -173,7 +182,7 @@ def generate_behavior_logs(cfg: SyntheticLogConfig) -> pd.DataFrame:
     steps = rng.integers(-cfg.item_step, cfg.item_step + 1, n)
     walk = np.empty(n, dtype=np.int64)
     walk[order] = _grouped_cumsum(steps[order], interest_starts)
-    start_pos = _hash_uniform(seed + 1, user, slot, epoch) ** 2  # popular items first
+    start_pos = _hash_uniform(seed + 1, user, slot, epoch) ** 3  # long tail: popular items first
     position = np.floor(start_pos * sizes[category]).astype(np.int64) + walk
     item = offsets[category] + np.mod(position, sizes[category])
 

@@ -139,9 +139,7 @@ def count_item_frequency(
 ) -> pd.DataFrame:
     """Training interactions per item (validation and test behaviours are not counted)."""
     role = _split_roles(events, int(params["min_user_events"]))
-    counts = np.bincount(
-        events["item"].to_numpy()[role == TRAIN], minlength=len(item_ids) + 1
-    )[1:]
+    counts = np.bincount(events["item"].to_numpy()[role == TRAIN], minlength=len(item_ids) + 1)[1:]
     return pd.DataFrame(
         {
             "item": item_ids["item"].to_numpy(),
@@ -230,7 +228,7 @@ def assemble_samples(
     item_frequency: pd.DataFrame,
     params: dict,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Train, validation and test samples: each positive followed by `ratio` sampled negatives."""
+    """Train, validation and test samples: each positive followed by its `ratio` negatives."""
     sampling = params["negative_sampling"]
     ratio = int(sampling["ratio"])
     if ratio < 0:
@@ -247,20 +245,32 @@ def assemble_samples(
     )
     found = negative_item > 0
     item_category = np.concatenate([[0], item_frequency["category"].to_numpy()])
-    negatives = positives.iloc[source[found]].assign(
-        item=negative_item[found],
-        category=item_category[negative_item[found]].astype(np.int32),
-        label=np.int8(0),
-    )
-    # Each positive is followed by its own negatives; the order is fixed by the seed.
-    rows = pd.concat(
-        [positives.assign(_rank=np.arange(len(positives)) * (ratio + 1)),
-         negatives.assign(_rank=source[found] * (ratio + 1) + 1)],
-        ignore_index=True,
-    ).sort_values("_rank", kind="stable", ignore_index=True)
-    split = rows["split"].to_numpy()
+
+    # Interleave without a sort: row r of the output is slot r of positive-then-negatives blocks.
+    n_positive = len(positives)
+    slot_of = np.full(n_positive * (ratio + 1), -1, dtype=np.int64)
+    slot_of[np.arange(n_positive) * (ratio + 1)] = np.arange(n_positive)
+    negative_slots = source * (ratio + 1) + 1 + np.tile(np.arange(ratio), n_positive)
+    slot_of[negative_slots[found]] = n_positive + np.arange(int(found.sum()))
+    order = slot_of[slot_of >= 0]
+
+    negative_source = source[found]
+    columns = {
+        name: np.concatenate(
+            [positives[name].to_numpy(), positives[name].to_numpy()[negative_source]]
+        )[order]
+        for name in ("user", "timestamp", "hist_end", "hist_len", "split")
+    }
+    columns["item"] = np.concatenate([positives["item"].to_numpy(), negative_item[found]])[order]
+    columns["category"] = np.concatenate(
+        [positives["category"].to_numpy(), item_category[negative_item[found]].astype(np.int32)]
+    )[order]
+    columns["label"] = np.concatenate(
+        [np.ones(n_positive, dtype=np.int8), np.zeros(int(found.sum()), dtype=np.int8)]
+    )[order]
+    split = columns.pop("split")
     return tuple(
-        rows.loc[split == role, SAMPLE_COLUMNS].reset_index(drop=True)
+        pd.DataFrame({name: columns[name][split == role] for name in SAMPLE_COLUMNS})
         for role in (TRAIN, VALIDATION, TEST)
     )
 

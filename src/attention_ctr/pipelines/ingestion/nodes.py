@@ -44,14 +44,20 @@ def read_behavior_logs(
 
 
 def _integers(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
-    """(values as float64 with NaN where not an integer, mask of present-but-not-integer)."""
-    if pd.api.types.is_integer_dtype(column.dtype) and not pd.api.types.is_extension_array_dtype(
-        column.dtype
-    ):
-        return column.astype("float64"), np.zeros(len(column), dtype=bool)
-    numbers = pd.to_numeric(column, errors="coerce").astype("float64")
-    not_integer = numbers.notna().to_numpy() & (np.floor(numbers) != numbers).to_numpy()
-    numbers[not_integer] = np.nan
+    """(values as nullable Int64, NA where not an integer; mask of present-but-not-integer).
+
+    Integer text is parsed exactly (float64 would merge ids beyond 2**53); other numbers count
+    only when integral and exactly representable ("7.0", "1e3").
+    """
+    if pd.api.types.is_integer_dtype(column.dtype):
+        return column.astype("Int64"), np.zeros(len(column), dtype=bool)
+    text = column.astype("str").str.strip()
+    exact = text.str.fullmatch(r"[+-]?\d{1,18}").to_numpy(dtype=bool, na_value=False)
+    numbers = pd.to_numeric(text.where(exact), errors="coerce", dtype_backend="numpy_nullable")
+    numbers = numbers.astype("Int64")
+    floats = pd.to_numeric(text.where(~exact), errors="coerce").astype("float64").to_numpy()
+    integral = (np.floor(floats) == floats) & (np.abs(floats) <= 2.0**53)
+    numbers[integral] = floats[integral].astype(np.int64)
     bad = column.notna().to_numpy() & numbers.isna().to_numpy()
     return numbers, bad
 
@@ -59,15 +65,15 @@ def _integers(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
 def _timestamp_bounds(params: dict) -> tuple[int, int]:
     low = pd.Timestamp(params["min_timestamp"], tz="UTC")
     high = params.get("max_timestamp")
-    high = pd.Timestamp.now(tz="UTC") + pd.Timedelta(days=1) if high is None else pd.Timestamp(
-        high, tz="UTC"
+    high = (
+        pd.Timestamp.now(tz="UTC") + pd.Timedelta(days=1)
+        if high is None
+        else pd.Timestamp(high, tz="UTC")
     )
     return int(low.timestamp()), int(high.timestamp())
 
 
-def validate_behavior_logs(
-    raw: RawEvents, params: dict
-) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def validate_behavior_logs(raw: RawEvents, params: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Split parsed rows into valid interactions and a quarantine with reasons and counts."""
     frame = raw.frame
     n = len(frame)
@@ -81,7 +87,9 @@ def validate_behavior_logs(
         values = frame[column]
         missing |= values.isna().to_numpy()
         if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
-            missing |= (values.astype("str").str.strip() == "").to_numpy() & values.notna().to_numpy()
+            missing |= (
+                values.astype("str").str.strip() == ""
+            ).to_numpy() & values.notna().to_numpy()
     flag("missing_value", missing)
 
     typed = {}
@@ -90,30 +98,32 @@ def validate_behavior_logs(
         flag("bad_type", bad_type)
     negative = np.zeros(n, dtype=bool)
     for column in raw.numeric_ids:
-        negative |= (typed[column] < 0).to_numpy()
+        negative |= (typed[column] < 0).to_numpy(dtype=bool, na_value=False)
     flag("negative_id", negative)
 
-    behavior = frame["behavior"].astype("str")
+    behavior = frame["behavior"]
+    if not isinstance(behavior.dtype, pd.CategoricalDtype):
+        behavior = behavior.astype("category")  # few distinct values: compare codes, not strings
     allowed = list(params["behaviors"])
     flag("unknown_behavior", ~behavior.isin(allowed).to_numpy())
 
     low, high = _timestamp_bounds(params)
     ts = typed["timestamp"]
-    flag("timestamp_out_of_range", ((ts < low) | (ts > high)).to_numpy())
+    flag("timestamp_out_of_range", ((ts < low) | (ts > high)).to_numpy(dtype=bool, na_value=False))
 
     valid = reason == 0
     clean = pd.DataFrame(
         {
-            c: (typed[c] if c in typed else frame[c]).to_numpy()[valid]
+            c: typed[c].to_numpy(dtype=np.int64, na_value=0)[valid]
+            if c in typed
+            else frame[c].to_numpy()[valid]
             for c in LOG_COLUMNS
             if c != "behavior"
         }
     )
-    for column in (*raw.numeric_ids, "timestamp"):
-        clean[column] = clean[column].astype("int64")
     for column in set(("user_id", "item_id", "category_id")) - set(raw.numeric_ids):
         clean[column] = clean[column].astype("str")
-    clean["behavior"] = pd.Categorical(behavior.to_numpy()[valid], categories=allowed)
+    clean["behavior"] = behavior[valid].cat.set_categories(allowed).array
     duplicate = clean.duplicated(["user_id", "item_id", "behavior", "timestamp"]).to_numpy()
     reason[np.flatnonzero(valid)[duplicate]] = REASONS.index("duplicate") + 1
     interactions = clean.loc[~duplicate, LOG_COLUMNS].reset_index(drop=True)
@@ -125,7 +135,7 @@ def validate_behavior_logs(
                 {
                     "line": frame["line"].to_numpy()[bad],
                     "reason": np.asarray(REASONS, dtype=object)[reason[bad] - 1],
-                    **{c: frame[c].astype("str").to_numpy()[bad] for c in LOG_COLUMNS},
+                    **{c: frame.loc[bad, c].astype("str").to_numpy() for c in LOG_COLUMNS},
                     "raw_text": None,
                 }
             ),
