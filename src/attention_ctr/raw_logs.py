@@ -170,7 +170,8 @@ def read_csv_rows(
     if table.num_rows + len(bad) == 0:
         raise RawLogError(f"Raw log {path} has no data rows; {_hint(columns)}")
     # Nullable Int64 keeps integer columns with missing values exact (float64 rounds past 2**53).
-    frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    nulls = any(column.null_count for column in table.columns)
+    frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get if nulls else None)
     first_line = header_lines + 1
     if bad:
         bad_lines = np.array([n for n, _ in bad], dtype=np.int64)

@@ -1,50 +1,130 @@
-"""Behaviour sequences stored flat, and the vectorised gather that turns samples into batches.
+"""Behaviour sequences stored flat, and the one gather that turns samples into batches.
 
 Feature engineering writes every user's behaviours once, time-ordered, in flat arrays
 (`events`), and each sample only points into them: `hist_end` (exclusive index of its last
 history behaviour) and `hist_len` (at most `max_history`, the most recent ones). A batch of
-padded `[B, L]` history matrices is a single fancy-index gather, so no sample ever holds a copy
-of its history on disk or in memory.
+padded `[B, L]` history tensors is a single fancy-index gather, so no sample holds a copy of
+its history on disk or in memory, and a whole split can live on the GPU as a few flat tensors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+import pandas as pd
+import torch
 
-HISTORY_COLUMNS = ("item", "category", "behavior", "neg_item", "neg_category")
+# events.parquet column -> batch key of the gathered [B, L] tensor
+HISTORY_KEYS = {
+    "item": "hist_item",
+    "category": "hist_category",
+    "behavior": "hist_behavior",
+    "neg_item": "neg_item",
+    "neg_category": "neg_category",
+}
 
 
-def time_gap_bucket(gap_seconds: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Bucket ids for time gaps: 1 + number of edges <= gap (0 is kept for padding)."""
-    return (np.searchsorted(np.asarray(edges), gap_seconds, side="right") + 1).astype(np.int64)
+def time_gap_bucket(gap_seconds: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Bucket ids of time gaps: 1 + number of edges <= gap (0 is kept for padding)."""
+    return torch.bucketize(gap_seconds, edges, right=True) + 1
 
 
 def gather_history(
-    events: dict[str, np.ndarray],
-    hist_end: np.ndarray,
-    hist_len: np.ndarray,
+    events: dict[str, torch.Tensor],
+    hist_end: torch.Tensor,
+    hist_len: torch.Tensor,
     max_length: int,
-    sample_timestamp: np.ndarray | None = None,
-    time_gap_edges: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Padded `[B, L]` history arrays for samples, oldest first, padding (0) at the end.
+    sample_timestamp: torch.Tensor | None = None,
+    time_gap_edges: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Padded `[B, L]` histories, oldest first and padding (0) at the end; `L` = longest row.
 
-    `events` maps column names to flat per-behaviour arrays (see HISTORY_COLUMNS plus
-    `timestamp`). With `sample_timestamp` and `time_gap_edges`, also returns BST's
-    `time_gap` buckets of `sample time - behaviour time`.
+    `events` maps events.parquet columns to flat tensors. With `sample_timestamp` and
+    `time_gap_edges` the result also holds `hist_timestamp` and BST's `time_gap` buckets of
+    `sample time - behaviour time`.
     """
-    length = int(min(max_length, hist_len.max(initial=0))) or 1
-    offsets = np.arange(length)
+    length = max(1, min(max_length, int(hist_len.max()) if len(hist_len) else 1))
+    offsets = torch.arange(length, device=hist_end.device)
     mask = offsets[None, :] < hist_len[:, None]
-    index = np.where(mask, (hist_end - hist_len)[:, None] + offsets[None, :], 0)
+    index = torch.where(mask, (hist_end - hist_len)[:, None] + offsets[None, :], 0)
     batch = {"mask": mask}
-    for name in HISTORY_COLUMNS:
-        if name in events:
-            batch[name] = np.where(mask, events[name][index], 0)
+    for column, key in HISTORY_KEYS.items():
+        if column in events:
+            batch[key] = torch.where(mask, events[column][index], 0)
     if sample_timestamp is not None:
-        times = events["timestamp"][index]
-        batch["timestamp"] = np.where(mask, times, 0)
+        times = torch.where(mask, events["timestamp"][index], 0)
+        batch["hist_timestamp"] = times
         if time_gap_edges is not None:
             gaps = sample_timestamp[:, None] - times
-            batch["time_gap"] = np.where(mask, time_gap_bucket(gaps, time_gap_edges), 0)
+            batch["time_gap"] = torch.where(mask, time_gap_bucket(gaps, time_gap_edges), 0)
     return batch
+
+
+def _tensor(values: pd.Series | np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
+
+
+class SampleTensors:
+    """A split's samples and the behaviours they point into, pre-tensorised on one device.
+
+    `batch(index)` builds the model batch (see `attention_ctr.models`) for sample rows
+    `index`; `batches()` iterates over the split in (optionally shuffled) batches.
+    """
+
+    def __init__(
+        self,
+        samples: pd.DataFrame,
+        events: pd.DataFrame,
+        spec: dict,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        device = torch.device(device)
+        self.device = device
+        self.max_history = int(spec["max_history"])
+        self.time_gap_edges = _tensor(spec["time_gap_edges"], device)
+        self.events = {
+            column: _tensor(events[column], device)
+            for column in (*HISTORY_KEYS, "timestamp")
+            if column in events
+        }
+        self.user = _tensor(samples["user"], device)
+        self.target_item = _tensor(samples["item"], device)
+        self.target_category = _tensor(samples["category"], device)
+        self.timestamp = _tensor(samples["timestamp"], device)
+        self.hist_end = _tensor(samples["hist_end"], device)
+        self.hist_len = _tensor(samples["hist_len"], device)
+        self.label = torch.as_tensor(
+            samples["label"].to_numpy(dtype=np.float32), device=device
+        )
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = gather_history(
+            self.events,
+            self.hist_end[index],
+            self.hist_len[index],
+            self.max_history,
+            self.timestamp[index],
+            self.time_gap_edges,
+        )
+        batch["target_item"] = self.target_item[index]
+        batch["target_category"] = self.target_category[index]
+        return batch
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """(batch, labels) pairs covering every sample once."""
+        if shuffle:
+            order = torch.randperm(len(self), generator=generator).to(self.device)
+        else:
+            order = torch.arange(len(self), device=self.device)
+        for start in range(0, len(self), batch_size):
+            index = order[start : start + batch_size]
+            yield self.batch(index), self.label[index]

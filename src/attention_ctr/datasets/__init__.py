@@ -1,5 +1,6 @@
 """Custom Kedro datasets of this project."""
 
 from attention_ctr.datasets.behavior_log_dataset import BehaviorLogDataset, BehaviorLogSource
+from attention_ctr.datasets.torch_model_dataset import TorchModelDataset
 
-__all__ = ["BehaviorLogDataset", "BehaviorLogSource"]
+__all__ = ["BehaviorLogDataset", "BehaviorLogSource", "TorchModelDataset"]

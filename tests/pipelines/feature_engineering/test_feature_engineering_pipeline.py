@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import SMALL_SYNTHETIC
 
 from attention_ctr.sandbox import run_pipeline
-from attention_ctr.sequences import gather_history
+from attention_ctr.sequences import SampleTensors
 
 SPLITS = ("train_samples", "validation_samples", "test_samples")
 
@@ -42,21 +43,17 @@ def features(tmp_path_factory) -> dict:
 
 
 def _histories(features: dict, samples: pd.DataFrame) -> dict[str, np.ndarray]:
-    events = {c: features["events"][c].to_numpy() for c in features["events"].columns}
-    events["user_of"] = features["events"]["user"].to_numpy()
-    batch = gather_history(
-        events,
-        samples["hist_end"].to_numpy(),
-        samples["hist_len"].to_numpy(),
-        features["feature_spec"]["max_history"],
-        samples["timestamp"].to_numpy(),
-        np.asarray(features["feature_spec"]["time_gap_edges"]),
-    )
-    length = batch["mask"].shape[1]
-    index = samples["hist_end"].to_numpy()[:, None] - samples["hist_len"].to_numpy()[:, None]
-    index = np.where(batch["mask"], index + np.arange(length)[None, :], 0)
-    batch["user"] = np.where(batch["mask"], events["user"][index], -1)
-    return batch
+    """The gathered histories of `samples`, plus the user of every history position."""
+    events = features["events"].assign(owner=features["events"]["user"])
+    tensors = SampleTensors(samples, events, features["feature_spec"])
+    tensors.events["owner"] = torch.as_tensor(events["owner"].to_numpy(np.int64))
+    batch = tensors.batch(torch.arange(len(samples)))
+    mask = batch["mask"]
+    length = mask.shape[1]
+    start = tensors.hist_end - tensors.hist_len
+    index = torch.where(mask, start[:, None] + torch.arange(length)[None, :], 0)
+    batch["user"] = torch.where(mask, tensors.events["owner"][index], -1)
+    return {key: value.numpy() for key, value in batch.items()}
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -67,7 +64,7 @@ def test_no_history_behaviour_at_or_after_its_sample(features, split):
     sample_time = np.broadcast_to(samples["timestamp"].to_numpy()[:, None], mask.shape)
     sample_user = np.broadcast_to(samples["user"].to_numpy()[:, None], mask.shape)
     assert mask.any(axis=1).all(), "every sample has at least one history behaviour"
-    assert (batch["timestamp"][mask] < sample_time[mask]).all()
+    assert (batch["hist_timestamp"][mask] < sample_time[mask]).all()
     assert (batch["user"][mask] == sample_user[mask]).all()
     assert (mask.sum(axis=1) <= features["feature_spec"]["max_history"]).all()
     # Time gaps are positive, so every real position has a non-padding bucket.
@@ -99,7 +96,7 @@ def test_history_keeps_the_most_recent_behaviours(features):
         user, when = test["user"].iat[row], test["timestamp"].iat[row]
         earlier = events[(events["user"] == user) & (events["timestamp"] < when)]
         expected = earlier["item"].to_numpy()[-features["feature_spec"]["max_history"] :]
-        assert batch["item"][row][batch["mask"][row]].tolist() == expected.tolist()
+        assert batch["hist_item"][row][batch["mask"][row]].tolist() == expected.tolist()
 
 
 def test_negatives_never_come_from_the_users_own_history(features):

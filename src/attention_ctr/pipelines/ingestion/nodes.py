@@ -6,6 +6,8 @@ import logging
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from attention_ctr.datasets import BehaviorLogSource
 from attention_ctr.raw_logs import RawEvents, RawLogError
@@ -49,17 +51,20 @@ def _integers(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
     Integer text is parsed exactly (float64 would merge ids beyond 2**53); other numbers count
     only when integral and exactly representable ("7.0", "1e3").
     """
-    if pd.api.types.is_integer_dtype(column.dtype):
-        return column.astype("Int64"), np.zeros(len(column), dtype=bool)
-    text = column.astype("str").str.strip()
-    exact = text.str.fullmatch(r"[+-]?\d{1,18}").to_numpy(dtype=bool, na_value=False)
-    numbers = pd.to_numeric(text.where(exact), errors="coerce", dtype_backend="numpy_nullable")
-    numbers = numbers.astype("Int64")
-    floats = pd.to_numeric(text.where(~exact), errors="coerce").astype("float64").to_numpy()
-    integral = (np.floor(floats) == floats) & (np.abs(floats) <= 2.0**53)
-    numbers[integral] = floats[integral].astype(np.int64)
-    bad = column.notna().to_numpy() & numbers.isna().to_numpy()
-    return numbers, bad
+    if pd.api.types.is_integer_dtype(column.dtype):  # int64, or Int64 when values are missing
+        return column, np.zeros(len(column), dtype=bool)
+    text = pc.utf8_trim_whitespace(pa.array(column.astype("str"), type=pa.string()))
+    exact = pc.fill_null(pc.match_substring_regex(text, r"^[+-]?\d{1,18}$"), False)
+    parsed = pc.cast(pc.if_else(exact, text, None), pa.int64())
+    numbers = pd.Series(parsed.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get))
+    present = column.notna().to_numpy()
+    rest = np.flatnonzero(present & ~exact.to_numpy(zero_copy_only=False))
+    if len(rest):  # usually only the few bad values: the slow parser sees only them
+        floats = pd.to_numeric(pd.Series(text.take(rest)), errors="coerce").to_numpy("float64")
+        integral = (np.floor(floats) == floats) & (np.abs(floats) <= 2.0**53)
+        numbers.iloc[rest[integral]] = floats[integral].astype(np.int64)
+    numbers.index = column.index
+    return numbers, present & numbers.isna().to_numpy()
 
 
 def _timestamp_bounds(params: dict) -> tuple[int, int]:

@@ -1,0 +1,210 @@
+"""The training loop, evaluation and cold-start fallback; plain PyTorch, no Kedro.
+
+The loop is deliberately visible: batches come pre-tensorised from `SampleTensors`, the model
+returns logits (and DIEN its auxiliary loss), the loss is BCE-with-logits, and early stopping
+keeps the state with the best validation AUC.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from attention_ctr.sequences import SampleTensors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    device: str = "auto"
+    seed: int = 2024
+    epochs: int = 8
+    patience: int = 2
+    batch_size: int = 256
+    eval_batch_size: int = 4096
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    l2_weight: float = 0.0  # DIN's mini-batch aware regulariser, where the model has one
+    bf16_on_gpu: bool = True
+    progress_bar: bool = True
+
+    @classmethod
+    def from_params(cls, params: dict) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(
+                f"Unknown training parameter(s) {sorted(unknown)}; expected some of {sorted(known)}"
+            )
+        return cls(**params)
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto` takes CUDA when there is a GPU, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("Parameter training.device is 'cuda' but no CUDA device is available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device, config: TrainingConfig):
+    if device.type == "cuda" and config.bf16_on_gpu:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, tensors: SampleTensors, batch_size: int, autocast=nullcontext
+) -> np.ndarray:
+    """Click probabilities for every sample of a split, in the split's order."""
+    model.eval()
+    scores = []
+    for batch, _ in tensors.batches(batch_size):
+        with autocast():
+            logits = model(batch)
+        scores.append(torch.sigmoid(logits.float()).cpu())
+    return torch.cat(scores).numpy() if scores else np.empty(0, dtype=np.float32)
+
+
+def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """AUC and logloss (scikit-learn); AUC is NaN when only one class is present."""
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "auc": float(roc_auc_score(labels, probabilities)) if both_classes else math.nan,
+        "logloss": float(log_loss(labels, np.clip(probabilities, 1e-7, 1 - 1e-7), labels=[0, 1])),
+    }
+
+
+def fit(
+    model: nn.Module,
+    train: SampleTensors,
+    validation: SampleTensors,
+    config: TrainingConfig,
+    item_frequency: torch.Tensor | None = None,
+) -> tuple[nn.Module, pd.DataFrame]:
+    """Train with early stopping on validation AUC; return the best model and per-epoch history."""
+    device = train.device
+    model.to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    autocast = lambda: _autocast(device, config)  # noqa: E731
+    regularise = config.l2_weight > 0 and hasattr(model, "regularization")
+    best_auc, best_state, stale, history = -math.inf, None, 0, []
+    validation_labels = validation.label.cpu().numpy()
+
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        totals = {"loss": 0.0, "auxiliary_loss": 0.0}
+        seen = 0
+        steps = math.ceil(len(train) / config.batch_size)
+        bar = tqdm(
+            train.batches(config.batch_size, shuffle=True, generator=generator),
+            total=steps,
+            desc=f"{model.name} epoch {epoch}",
+            disable=not config.progress_bar,
+            leave=False,
+        )
+        for batch, labels in bar:
+            with autocast():
+                logits, auxiliary = model.forward_with_auxiliary(batch)
+                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+                total = loss if auxiliary is None else loss + auxiliary.float()
+                if regularise:
+                    total = total + config.l2_weight * model.regularization(batch, item_frequency)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            size = len(labels)
+            seen += size
+            totals["loss"] += loss.item() * size
+            if auxiliary is not None:
+                totals["auxiliary_loss"] += auxiliary.item() * size
+            bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}", refresh=False)
+        train_seconds = time.perf_counter() - started
+
+        probabilities = predict(model, validation, config.eval_batch_size, autocast)
+        metrics = score(validation_labels, probabilities)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": totals["loss"] / max(seen, 1),
+                "train_auxiliary_loss": totals["auxiliary_loss"] / max(seen, 1),
+                "validation_auc": metrics["auc"],
+                "validation_logloss": metrics["logloss"],
+                "train_seconds": train_seconds,
+                "train_samples_per_second": seen / train_seconds,
+            }
+        )
+        logger.info(
+            "%s epoch %d: loss %.4f, validation AUC %.4f, logloss %.4f, %.0f samples/s",
+            model.name,
+            epoch,
+            history[-1]["train_loss"],
+            metrics["auc"],
+            metrics["logloss"],
+            history[-1]["train_samples_per_second"],
+        )
+        if metrics["auc"] > best_auc:
+            best_auc, stale = metrics["auc"], 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= config.patience:
+                logger.info("%s: early stop after epoch %d (best AUC %.4f)", model.name, epoch, best_auc)
+                break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.cpu().eval(), pd.DataFrame(history)
+
+
+@torch.no_grad()
+def apply_category_average(
+    model: nn.Module, cold_items: pd.DataFrame, weights: pd.DataFrame
+) -> int:
+    """Replace cold items' embedding rows with their category's frequency-weighted average.
+
+    Returns how many items were replaced; cold items of a category without warm items keep
+    their own (trained) rows.
+    """
+    table = model.item_embedding.weight
+    n_categories = int(max(weights["category"].max(initial=0), cold_items["category"].max(initial=0)))
+    average = torch.zeros(n_categories + 1, table.shape[1], dtype=table.dtype)
+    category = torch.as_tensor(weights["category"].to_numpy(np.int64))
+    contribution = table[torch.as_tensor(weights["item"].to_numpy(np.int64))] * torch.as_tensor(
+        weights["weight"].to_numpy(np.float32), dtype=table.dtype
+    )[:, None]
+    average.index_add_(0, category, contribution)
+    has_warm = torch.zeros(n_categories + 1, dtype=torch.bool)
+    has_warm[category] = True
+
+    cold_category = torch.as_tensor(cold_items["category"].to_numpy(np.int64))
+    replace = has_warm[cold_category]
+    cold_item = torch.as_tensor(cold_items["item"].to_numpy(np.int64))[replace]
+    table[cold_item] = average[cold_category[replace]]
+    return int(replace.sum())
