@@ -47,15 +47,17 @@ def run_pipeline(
     params: dict | None = None,
     env: str | None = None,
     pipelines: list[str] | None = None,
+    **run_args,
 ):
     """Run pipeline(s) through a real KedroSession; return the project's data catalog.
 
     `pipeline` names one pipeline, `pipelines` several; neither runs `__default__`.
+    `run_args` go to `KedroSession.run` (e.g. `namespaces=["din"]`).
     """
     bootstrap_project(project_path)
     names = pipelines or ([pipeline] if pipeline else None)
     with KedroSession.create(
         project_path=project_path, env=env, runtime_params=nested(params or {})
     ) as session:
-        session.run(pipeline_names=names)
+        session.run(pipeline_names=names, **run_args)
         return session.load_context().catalog

@@ -62,7 +62,8 @@ def gather_history(
 
 
 def _tensor(values: pd.Series | np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
+    # A copy: parquet-backed arrays are read-only, and tensors must own writable memory.
+    return torch.from_numpy(np.array(values, dtype=np.int64)).to(device)
 
 
 class SampleTensors:
@@ -94,9 +95,7 @@ class SampleTensors:
         self.timestamp = _tensor(samples["timestamp"], device)
         self.hist_end = _tensor(samples["hist_end"], device)
         self.hist_len = _tensor(samples["hist_len"], device)
-        self.label = torch.as_tensor(
-            samples["label"].to_numpy(dtype=np.float32), device=device
-        )
+        self.label = torch.as_tensor(samples["label"].to_numpy(dtype=np.float32), device=device)
 
     def __len__(self) -> int:
         return len(self.label)

@@ -31,8 +31,8 @@ class SyntheticLogConfig:
     start: str = "2017-11-25"
     days: float = 9.0
     min_events_per_user: int = 5
-    min_interests: int = 2
-    max_interests: int = 4
+    min_interests: int = 3
+    max_interests: int = 6
     session_switch_prob: float = 0.15
     drift_prob: float = 0.01
     item_step: int = 2

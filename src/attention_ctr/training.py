@@ -37,7 +37,6 @@ class TrainingConfig:
     eval_batch_size: int = 4096
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    l2_weight: float = 0.0  # DIN's mini-batch aware regulariser, where the model has one
     bf16_on_gpu: bool = True
     progress_bar: bool = True
 
@@ -112,7 +111,6 @@ def fit(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     autocast = lambda: _autocast(device, config)  # noqa: E731
-    regularise = config.l2_weight > 0 and hasattr(model, "regularization")
     best_auc, best_state, stale, history = -math.inf, None, 0, []
     validation_labels = validation.label.cpu().numpy()
 
@@ -134,8 +132,8 @@ def fit(
                 logits, auxiliary = model.forward_with_auxiliary(batch)
                 loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
                 total = loss if auxiliary is None else loss + auxiliary.float()
-                if regularise:
-                    total = total + config.l2_weight * model.regularization(batch, item_frequency)
+                if item_frequency is not None:  # DIN's mini-batch aware L2 (0 unless enabled)
+                    total = total + model.regularization(batch, item_frequency)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -175,7 +173,9 @@ def fit(
         else:
             stale += 1
             if stale >= config.patience:
-                logger.info("%s: early stop after epoch %d (best AUC %.4f)", model.name, epoch, best_auc)
+                logger.info(
+                    "%s: early stop after epoch %d (best AUC %.4f)", model.name, epoch, best_auc
+                )
                 break
 
     if best_state is not None:
@@ -193,12 +193,18 @@ def apply_category_average(
     their own (trained) rows.
     """
     table = model.item_embedding.weight
-    n_categories = int(max(weights["category"].max(initial=0), cold_items["category"].max(initial=0)))
+    n_categories = int(
+        max(
+            weights["category"].to_numpy().max(initial=0),
+            cold_items["category"].to_numpy().max(initial=0),
+        )
+    )
     average = torch.zeros(n_categories + 1, table.shape[1], dtype=table.dtype)
     category = torch.as_tensor(weights["category"].to_numpy(np.int64))
-    contribution = table[torch.as_tensor(weights["item"].to_numpy(np.int64))] * torch.as_tensor(
-        weights["weight"].to_numpy(np.float32), dtype=table.dtype
-    )[:, None]
+    contribution = (
+        table[torch.as_tensor(weights["item"].to_numpy(np.int64))]
+        * torch.as_tensor(weights["weight"].to_numpy(np.float32), dtype=table.dtype)[:, None]
+    )
     average.index_add_(0, category, contribution)
     has_warm = torch.zeros(n_categories + 1, dtype=torch.bool)
     has_warm[category] = True

@@ -76,7 +76,7 @@ class TorchModelDataset(AbstractVersionedDataset[nn.Module, nn.Module]):
                 {"model": data.name, "config": dict(data.config), "state_dict": state_dict},
                 handle,
             )
-        self._invalidate_cache()
+        self._clear_version_cache()  # the next load finds the version just written
 
     def _exists(self) -> bool:
         try:
@@ -86,4 +86,8 @@ class TorchModelDataset(AbstractVersionedDataset[nn.Module, nn.Module]):
         return self._fs.exists(get_filepath_str(path, self._protocol))
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "protocol": self._protocol, "version": self._version}
+        return {
+            "filepath": str(self._filepath),
+            "protocol": self._protocol,
+            "version": self._version,
+        }

@@ -1,0 +1,116 @@
+"""Benchmark: training samples per second of every model, with the validation AUC it reached.
+
+    python benchmarks/training.py                      # batch 256 and 2048, 1 epoch each
+    python benchmarks/training.py --batch-sizes 256 --epochs 2 --models din dien
+
+Features come from the real ingestion and feature_engineering pipelines on the synthetic
+default (in a temporary copy of the project); each model is then trained with the project's
+training loop at the fixed size of the targets: history length 50, embedding 32 for items and
+for categories, attention unit 80-40, MLP 200-80. Throughput counts forward, backward and
+optimiser step over whole epochs (batch gathering included). Targets on 2 CPU cores:
+DIN >= 17,000 samples/s, DIEN <= 2.5x DIN's cost per sample, BST >= 5,000 samples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FIXED_SIZE = {"embedding_dim": 32, "mlp_hidden": [200, 80]}
+ATTENTION_UNIT = {"din": {"attention_hidden": [80, 40]}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["pooling", "din", "dien", "bst"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 2048])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    os.environ.setdefault("KEDRO_LOGGING_CONFIG", str(_quiet_logging()))
+    from attention_ctr.models import build_model
+    from attention_ctr.sandbox import make_project_copy, run_pipeline
+    from attention_ctr.sequences import SampleTensors
+    from attention_ctr.training import TrainingConfig, fit, pick_device, seed_everything
+
+    workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    try:
+        project = make_project_copy(workdir / "project", source=PROJECT_ROOT)
+        catalog = run_pipeline(
+            project,
+            params={
+                "ingestion.synthetic.events": args.events,
+                "feature_engineering.max_history": 50,
+            },
+            pipelines=["ingestion", "feature_engineering"],
+        )
+        spec = catalog.load("feature_spec")
+        events = catalog.load("events")
+        train_samples = catalog.load("train_samples")
+        validation_samples = catalog.load("validation_samples")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    device = pick_device(args.device)
+    train = SampleTensors(train_samples, events, spec, device)
+    validation = SampleTensors(validation_samples, events, spec, device)
+    sizes = {
+        key: spec[key]
+        for key in ("n_items", "n_categories", "n_behaviors", "n_time_gap_buckets", "max_history")
+    }
+    print(
+        f"\ndevice {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+        f"{len(train):,} training samples, history <= {spec['max_history']}"
+    )
+    print(f"{'model':8s} {'batch':>6s} {'samples/s':>11s} {'val AUC':>8s} {'params':>10s}")
+    rates: dict[tuple[str, int], float] = {}
+    for batch_size in args.batch_sizes:
+        for name in args.models:
+            seed_everything(2024)
+            model = build_model(name, **sizes, **FIXED_SIZE, **ATTENTION_UNIT.get(name, {}))
+            config = TrainingConfig(
+                device=str(device),
+                epochs=args.epochs,
+                batch_size=batch_size,
+                progress_bar=False,
+                patience=args.epochs,
+            )
+            _, history = fit(model, train, validation, config)
+            rate = float(history["train_samples_per_second"].iloc[-1])
+            rates[(name, batch_size)] = rate
+            parameters = sum(p.numel() for p in model.parameters())
+            print(
+                f"{name:8s} {batch_size:6d} {rate:11,.0f} "
+                f"{history['validation_auc'].max():8.4f} {parameters:10,d}"
+            )
+    for batch_size in args.batch_sizes:
+        if ("din", batch_size) in rates and ("dien", batch_size) in rates:
+            ratio = rates[("din", batch_size)] / rates[("dien", batch_size)]
+            print(f"DIEN/DIN cost per sample at batch {batch_size}: {ratio:.2f}x")
+    return 0
+
+
+def _quiet_logging() -> Path:
+    path = Path(tempfile.gettempdir()) / "attention_ctr_bench_logging.yml"
+    path.write_text(
+        "version: 1\ndisable_existing_loggers: false\n"
+        "handlers: {console: {class: logging.StreamHandler, level: WARNING}}\n"
+        "root: {handlers: [console]}\n"
+    )
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

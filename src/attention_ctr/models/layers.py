@@ -1,0 +1,627 @@
+"""Layers shared by the CTR models: behaviour embeddings, Dice, MLP, DIN's activation unit, AUGRU.
+
+Conventions used everywhere:
+
+- ids are int64, 0 is padding / unknown; histories are `[B, L]`, left-aligned (positions
+  `0 .. len-1` real, padding after), with a bool `mask` `[B, L]` (True = real behaviour);
+- a behaviour vector is item embedding ⊕ category embedding, `E = 2 * embedding_dim` wide;
+- padded positions are excluded by the mask everywhere (attention weights, batch statistics,
+  pooling, losses), never only by `padding_idx=0` embeddings being zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Batch = Mapping[str, Tensor]
+
+#: Keys of the feature spec (feature engineering's `feature_spec`) every model constructor takes.
+FEATURE_KEYS = ("n_items", "n_categories", "n_behaviors", "n_time_gap_buckets", "max_history")
+
+
+def capture_config(arguments: dict) -> dict:
+    """A model's constructor arguments as a JSON-serialisable dict (`cls(**config)` rebuilds it)."""
+    config = {}
+    for key, value in arguments.items():
+        if key in ("self", "__class__"):
+            continue
+        config[key] = list(value) if isinstance(value, tuple) else value
+    return config
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` `[B, L, E]` over the real positions of `mask` `[B, L]` -> `[B, E]`."""
+    weights = mask.to(values.dtype)
+    total = torch.bmm(weights.unsqueeze(1), values).squeeze(1)
+    return total / weights.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over real positions; padding gets exactly 0 (filled with finfo.min, never -inf)."""
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=dim).masked_fill(~mask, 0.0)
+
+
+def pad_positions(x: Tensor, length: int) -> Tensor:
+    """Zero-pad (False for bool) dim 1 of `x` `[B, L, ...]` up to `length`.
+
+    No Python branch on L: traced for ONNX, the padding width stays a function of the input's
+    shape (an empty block when L == length).
+    """
+    padding = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
+    return torch.cat([x, padding], dim=1)
+
+
+class BehaviorEmbedding(nn.Module):
+    """Item ⊕ category embedding of behaviours, shared by target and history lookups.
+
+    `item_embedding` and `category_embedding` are `nn.Embedding(n + 1, embedding_dim,
+    padding_idx=0)`. With `use_behavior`, an embedding of the behaviour type (view, cart, ...)
+    of width `2 * embedding_dim` is *added* to history vectors (the target has no behaviour
+    type), which keeps history and target vectors the same width.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        n_categories: int,
+        embedding_dim: int,
+        n_behaviors: int = 0,
+        use_behavior: bool = False,
+    ):
+        super().__init__()
+        self.dim = 2 * embedding_dim
+        self.item_embedding = nn.Embedding(n_items + 1, embedding_dim, padding_idx=0)
+        self.category_embedding = nn.Embedding(n_categories + 1, embedding_dim, padding_idx=0)
+        self.behavior_embedding = (
+            nn.Embedding(n_behaviors + 1, self.dim, padding_idx=0) if use_behavior else None
+        )
+        for table in (self.item_embedding, self.category_embedding):
+            nn.init.normal_(table.weight, std=embedding_dim**-0.5)
+            with torch.no_grad():
+                table.weight[0].zero_()
+
+    def items(self, item: Tensor, category: Tensor) -> Tensor:
+        """`[...]` item and category ids -> `[..., E]` behaviour vectors."""
+        return torch.cat([self.item_embedding(item), self.category_embedding(category)], dim=-1)
+
+    def lookup(self, batch: Batch, negatives: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Target `[B, E]`, history `[B, L, E]` and (with `negatives`) DIEN's negative history
+        `[B, L, E]`, from ONE lookup per table: one dense gradient per table per step instead
+        of one per lookup (on CPU each is a zeroed n_items x embedding_dim tensor).
+
+        Padded positions read as id 0, whatever they hold; so do missing negatives (id 0).
+        """
+        mask = batch["mask"]
+        length = mask.shape[1]
+        items = [batch["target_item"].unsqueeze(1), batch["hist_item"].masked_fill(~mask, 0)]
+        categories = [
+            batch["target_category"].unsqueeze(1),
+            batch["hist_category"].masked_fill(~mask, 0),
+        ]
+        if negatives:
+            real = mask & (batch["neg_item"] != 0)
+            items.append(batch["neg_item"].masked_fill(~real, 0))
+            categories.append(batch["neg_category"].masked_fill(~real, 0))
+        vectors = self.items(torch.cat(items, dim=1), torch.cat(categories, dim=1))
+        target, history = vectors[:, 0], vectors[:, 1 : 1 + length]
+        if self.behavior_embedding is not None:
+            behavior = batch["hist_behavior"].masked_fill(~mask, 0)
+            history = history + self.behavior_embedding(behavior)
+        return target, history, vectors[:, 1 + length :] if negatives else None
+
+    def target(self, batch: Batch) -> Tensor:
+        """`[B, E]` target vectors."""
+        return self.lookup(batch)[0]
+
+    def history(self, batch: Batch) -> Tensor:
+        """`[B, L, E]` history vectors; padded positions read as id 0, whatever they hold."""
+        return self.lookup(batch)[1]
+
+
+class Dice(nn.Module):
+    """Dice activation (DIN paper, eq. 4): `p(s) * s + (1 - p(s)) * alpha * s`.
+
+    `p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps))` normalises each unit over the batch, like
+    BatchNorm without affine parameters: batch statistics in training (over the real positions
+    only when a `mask` is given; gradients flow through them as in BatchNorm), moving averages
+    in eval mode. `alpha` is learned per unit and starts at 0. Computed in float32
+    (bf16-autocast safe). Training runs `_DiceFunction` (the same formula with a hand-written
+    backward: about half the memory passes of autograd's graph for this layer).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-9, momentum: float = 0.1):
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.alpha = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`x` `[..., C]`, optional bool `mask` `[...]` (True = counts in the statistics)."""
+        if not self.training:
+            xf = x.float()
+            p = torch.sigmoid((xf - self.running_mean) * torch.rsqrt(self.running_var + self.eps))
+            return (xf * (p + (1.0 - p) * self.alpha)).to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        weights = None if mask is None else mask.reshape(-1).float()
+        out, mean, var, count = _DiceFunction.apply(flat, self.alpha, weights, self.eps)
+        with torch.no_grad():  # running variance is unbiased, as in BatchNorm
+            bessel = count / (count - 1.0).clamp_min(1.0)
+            dtype = self.running_mean.dtype
+            self.running_mean.lerp_(mean.to(dtype), self.momentum)
+            self.running_var.lerp_((var * bessel).to(dtype), self.momentum)
+        return out.view(x.shape)
+
+
+class _DiceFunction(torch.autograd.Function):
+    """Training-mode Dice on `x` `[N, C]` with optional row weights `[N]` (1 = real, 0 = padding).
+
+    Forward: mean and (biased) variance over the weighted rows, z = (x - mean) / sqrt(var + eps),
+    p = sigmoid(z), out = x * (alpha + (1 - alpha) p). Backward is BatchNorm's, written out:
+    dz = dout x (1 - alpha) p (1 - p); dx = dout (alpha + (1 - alpha) p)
+    + rstd (dz - w (sum dz + z sum(dz z)) / n). Returns (out, mean, var, n); only out is
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, weights, eps):  # type: ignore[override]
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            xf, alpha_f = x.to(dtype), alpha.to(dtype)
+            if weights is None:
+                count = xf.new_tensor(float(xf.shape[0]))
+                mean = xf.sum(0) / count
+                z = xf - mean
+                var = z.square().sum(0) / count
+            else:
+                weights = weights.to(dtype)
+                count = weights.sum().clamp_min(1.0)
+                mean = (weights @ xf) / count
+                z = xf - mean
+                var = (weights @ z.square()) / count
+            rstd = torch.rsqrt(var + eps)
+            z.mul_(rstd)
+            p = torch.sigmoid(z)
+            gate = torch.addcmul(alpha_f, p, 1 - alpha_f)
+            out = (xf * gate).to(x.dtype)
+        ctx.save_for_backward(xf, p, z, gate, rstd, alpha_f, weights, count)
+        ctx.dtypes = (x.dtype, alpha.dtype)
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _mean, _var, _count):  # type: ignore[override]
+        x, p, z, gate, rstd, alpha, weights, count = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad_out.to(x.dtype)
+            grad_x = grad * x
+            grad_alpha = grad_x.sum(0) - (grad_x * p).sum(0)  # sum dout x (1 - p)
+            grad_z = torch.ops.aten.sigmoid_backward(grad_x.mul_(1 - alpha), p)
+            dx = grad * gate
+            scale = rstd / count
+            correction = torch.addcmul(scale * grad_z.sum(0), z, scale * (grad_z * z).sum(0))
+            if weights is not None:
+                correction.mul_(weights.unsqueeze(1))
+            dx.addcmul_(grad_z, rstd).sub_(correction)
+        x_dtype, alpha_dtype = ctx.dtypes
+        return dx.to(x_dtype), grad_alpha.to(alpha_dtype), None, None
+
+
+class PReLU(nn.Module):
+    """PReLU with one slope per unit of the LAST dimension (`nn.PReLU` uses dim 1)."""
+
+    def __init__(self, num_features: int, init: float = 0.25):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((num_features,), init))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        # F.prelu's slopes run along dim 1: on the 2-D view that is the last dimension.
+        flat = x.reshape(-1, x.shape[-1])
+        return F.prelu(flat, self.weight.to(x.dtype)).view(x.shape)
+
+
+class _Pointwise(nn.Module):
+    """A parameter-free activation with the `(x, mask)` signature of Dice."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.function(x)
+
+
+ACTIVATIONS = ("dice", "prelu", "relu", "leaky_relu", "sigmoid")
+
+
+def make_activation(name: str, num_features: int) -> nn.Module:
+    """An activation module taking `(x, mask=None)`: dice, prelu, relu, leaky_relu, sigmoid."""
+    if name == "dice":
+        return Dice(num_features)
+    if name == "prelu":
+        return PReLU(num_features)
+    if name == "relu":
+        return _Pointwise(F.relu)
+    if name == "leaky_relu":
+        return _Pointwise(F.leaky_relu)
+    if name == "sigmoid":
+        return _Pointwise(torch.sigmoid)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> dropout per hidden layer, then an optional output Linear.
+
+    `forward(x [..., in_features], mask [...] | None) -> [..., out]`; the mask only matters for
+    Dice (which positions count in its batch statistics).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        activation: str = "dice",
+        dropout: float = 0.0,
+        out_features: int | None = None,
+    ):
+        super().__init__()
+        self.linears = nn.ModuleList()
+        self.activations = nn.ModuleList()
+        width = in_features
+        for size in hidden:
+            self.linears.append(nn.Linear(width, size))
+            self.activations.append(make_activation(activation, size))
+            width = size
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(width, out_features) if out_features else None
+        self.out_features = out_features or width
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.after_first_linear(self.linears[0](x), mask)
+
+    def after_first_linear(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The rest of `forward`, from the first Linear's output `[..., hidden[0]]`."""
+        for index, activation in enumerate(self.activations):
+            if index:
+                x = self.linears[index](x)
+            x = self.dropout(activation(x, mask))
+        return self.output(x) if self.output is not None else x
+
+
+class DINAttention(nn.Module):
+    """DIN's local activation unit and weighted-sum pooling (Zhou et al., KDD 2018, sec. 4.3).
+
+    The score of history vector h for target t is `MLP([h, t, h - t, h * t])` (hidden 80-40,
+    Dice or PReLU, then a Linear to 1). The paper keeps the raw scores ("normalization='none'")
+    to preserve the intensity of interest; "softmax" normalises over the real positions.
+    Padding gets exactly zero weight either way.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (80, 40),
+        activation: str = "dice",
+        normalization: str = "none",
+    ):
+        super().__init__()
+        if normalization not in ("none", "softmax"):
+            raise ValueError(f"normalization must be 'none' or 'softmax', got {normalization!r}")
+        if not hidden:
+            raise ValueError("the activation unit needs at least one hidden layer")
+        self.normalization = normalization
+        self.unit = MLP(4 * dim, hidden, activation, out_features=1)
+
+    @staticmethod
+    def unit_input(history: Tensor, target: Tensor) -> Tensor:
+        """The unit's input `[h, t, h - t, h * t]` `[B, L, 4E]` (written out for reference)."""
+        t = target.unsqueeze(1).expand_as(history)
+        return torch.cat([history, t, history - t, history * t], dim=-1)
+
+    def first_layer(self, history: Tensor, target: Tensor, owner: Tensor | None = None) -> Tensor:
+        """The unit's first Linear on `unit_input(history, target)`.
+
+        Dense: `history` `[B, L, E]`, `target` `[B, E]` -> `[B, L, hidden[0]]`. Packed: history
+        rows `[N, E]` with `owner` `[N]` (the sample each row belongs to) -> `[N, hidden[0]]`.
+        Same function, fewer FLOPs: with W = [W_h, W_t, W_d, W_p] split like the input,
+        W [h, t, h - t, h * t] + b = [W_h + W_d, W_p] [h, h * t] + ((W_t - W_d) t + b), so the
+        per-behaviour matmul is 2E wide instead of 4E and the target part is computed once per
+        sample (also what a server scoring many candidates per user can reuse).
+        """
+        linear = self.unit.linears[0]
+        w_h, w_t, w_d, w_p = linear.weight.split(history.shape[-1], dim=1)
+        per_target = F.linear(target, w_t - w_d, linear.bias)  # [B, hidden[0]]
+        if owner is None:
+            t, per_target = target.unsqueeze(1), per_target.unsqueeze(1)
+        else:
+            t, per_target = target.index_select(0, owner), per_target.index_select(0, owner)
+        per_behaviour = F.linear(
+            torch.cat([history, history * t.to(history.dtype)], dim=-1),
+            torch.cat([w_h + w_d, w_p], dim=1),
+        )
+        return per_behaviour + per_target.to(per_behaviour.dtype)
+
+    def scores(
+        self, history: Tensor, target: Tensor, mask: Tensor, skip_padding: bool | None = None
+    ) -> Tensor:
+        """The unit's raw output `[B, L]`, exactly 0 on padding.
+
+        With `skip_padding` (default: on CPU, outside ONNX export) the unit runs on the real
+        positions only, gathered into `[N, E]` rows: padding costs nothing and cannot enter
+        Dice's batch statistics. Otherwise it runs on the dense `[B, L]` grid with the mask
+        handed to Dice (the export path: no data-dependent shapes). Both give the same result.
+        """
+        batch, length, dim = history.shape
+        if skip_padding is None:
+            skip_padding = history.device.type == "cpu" and not torch.onnx.is_in_onnx_export()
+        if not skip_padding:
+            hidden = self.first_layer(history, target)  # = unit.linears[0](unit_input(h, t))
+            return self.unit.after_first_linear(hidden, mask).squeeze(-1).masked_fill(~mask, 0.0)
+        index = mask.reshape(-1).nonzero().squeeze(1)  # real positions, row-major
+        if index.numel() == batch * length:  # no padding at all
+            hidden = self.first_layer(history, target)
+            return self.unit.after_first_linear(hidden).squeeze(-1)
+        rows = history.reshape(-1, dim).index_select(0, index)  # [N, E]
+        owner = torch.div(index, length, rounding_mode="floor")
+        packed = self.unit.after_first_linear(self.first_layer(rows, target, owner)).squeeze(-1)
+        return packed.new_zeros(batch * length).index_copy(0, index, packed).view(batch, length)
+
+    def weights(self, history: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """`history` `[B, L, E]`, `target` `[B, E]`, `mask` `[B, L]` -> weights `[B, L]`."""
+        scores = self.scores(history, target, mask)
+        if self.normalization == "softmax":
+            return masked_softmax(scores, mask)
+        return scores
+
+    def forward(self, history: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (user interest `[B, E]` = sum_j w_j h_j, weights `[B, L]`)."""
+        weights = self.weights(history, target, mask)
+        interest = torch.bmm(weights.unsqueeze(1).to(history.dtype), history).squeeze(1)
+        return interest, weights
+
+
+class AUGRUCell(nn.Module):
+    """GRU with attentional update gate (DIEN, Zhou et al., AAAI 2019, eq. 12-13).
+
+        r_t  = sigmoid(W_r x_t + b_ir + U_r h_{t-1} + b_hr)
+        u_t  = sigmoid(W_u x_t + b_iu + U_u h_{t-1} + b_hu)
+        h~_t = tanh(W_h x_t + b_ih + r_t * (U_h h_{t-1} + b_hh))
+        u'_t = a_t * u_t
+        h'_t = (1 - u'_t) * h'_{t-1} + u'_t * h~_t
+
+    Gates are stacked [r, u, h~] like `nn.GRU`; the input and hidden biases are separate
+    parameters (`bias_ih`, `bias_hh`), never tied. Note the paper's convention: u weighs the NEW
+    candidate (nn.GRU's z weighs the OLD state, z = 1 - u). a_t = 0 keeps the state exactly.
+    For speed, `input_projection` runs on all timesteps at once and `step` does the rest.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size))
+        self.bias_hh = nn.Parameter(torch.empty(3 * hidden_size))
+        bound = hidden_size**-0.5
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -bound, bound)
+
+    def input_projection(self, x: Tensor) -> Tensor:
+        """`[..., input_size]` -> `[..., 3H]`: W x + b_i for every timestep in one matmul."""
+        return F.linear(x, self.weight_ih, self.bias_ih)
+
+    def step(self, projected: Tensor, h: Tensor, a: Tensor) -> Tensor:
+        """One step from a precomputed input projection `[B, 3H]`, state `[B, H]`, `a` `[B, 1]`."""
+        hidden = F.linear(h, self.weight_hh, self.bias_hh)
+        size = self.hidden_size
+        gates = torch.sigmoid(projected[:, : 2 * size] + hidden[:, : 2 * size])
+        r, u = gates[:, :size], gates[:, size:]
+        candidate = torch.tanh(projected[:, 2 * size :] + r * hidden[:, 2 * size :])
+        u = a * u  # attentional update gate u'_t = a_t * u_t
+        return h + u * (candidate - h)  # = (1 - u'_t) * h + u'_t * h~_t
+
+    def forward(self, x: Tensor, h: Tensor, a: Tensor) -> Tensor:
+        """`x` `[B, input_size]`, `h` `[B, H]`, `a` `[B]` or `[B, 1]` -> new state `[B, H]`."""
+        return self.step(self.input_projection(x), h, a.reshape(-1, 1))
+
+    def sequence(self, x: Tensor, attention: Tensor) -> Tensor:
+        """Run over `x` `[B, L, input_size]` with `attention` `[B, L]` from h_0 = 0 -> `[B, H]`.
+
+        The input projections of all L steps are one matmul; the loop does the rest. Steps with
+        a_t = 0 (padding) leave the state unchanged. In training (grad enabled) the loop runs
+        in `gated_recurrence` (same arithmetic in float32, hand-written backpropagation through
+        time instead of an autograd graph of L x ~10 small ops); in eval and export it runs as
+        plain `step`s, which trace to plain ONNX ops.
+        """
+        projected = self.input_projection(x)  # [B, L, 3H], one matmul for all timesteps
+        if self.training and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            states = gated_recurrence(projected, self.weight_hh, self.bias_hh, attention)
+            return states[:, -1]
+        dtype = torch.promote_types(projected.dtype, torch.float32)
+        h = projected.new_zeros(projected.shape[0], self.hidden_size, dtype=dtype)
+        for projected_t, a_t in zip(projected.unbind(1), attention.unsqueeze(-1).unbind(1)):
+            h = self.step(projected_t, h, a_t)
+        return h
+
+
+def gated_recurrence(
+    projected: Tensor,
+    weight_hh: Tensor,
+    bias_hh: Tensor,
+    attention: Tensor | None = None,
+) -> Tensor:
+    """All states `[B, L, H]` of a GRU-type recurrence from h_0 = 0, for training.
+
+    `projected` `[B, L, 3H]` holds the input projections W_i x_t + b_i of every step, gates
+    stacked [r, update, candidate] as in `nn.GRU`. With `attention` `[B, L]` this is the AUGRU
+    (update gate u, h_t = h_{t-1} + a_t u_t (h~_t - h_{t-1})); without, it is exactly
+    `nn.GRU` (its gate z keeps the old state: h_t = h_{t-1} + (1 - z_t) (h~_t - h_{t-1})).
+    Same arithmetic as the step-by-step versions, with backpropagation through time written by
+    hand (`_GatedRecurrence`): the loop keeps only what depends on the previous state, all
+    other derivatives and the weight gradients are computed for all steps at once.
+    """
+    if attention is None:
+        attention = projected.new_empty(0)
+    return _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
+
+
+class _GatedRecurrence(torch.autograd.Function):
+    """Forward and hand-written backward of `gated_recurrence` (float32 or wider, autocast off).
+
+    tanh is computed as 2 sigmoid(2 z) - 1 (several times faster than tanh on some CPUs).
+    """
+
+    @staticmethod
+    def forward(ctx, projected, attention, weight_hh, bias_hh):  # type: ignore[override]
+        dtype = torch.promote_types(projected.dtype, torch.float32)
+        augru = attention.numel() > 0
+        with torch.autocast(projected.device.type, enabled=False):
+            gi = projected.to(dtype).transpose(0, 1)  # [L, B, 3H]
+            weight, bias = weight_hh.to(dtype), bias_hh.to(dtype)
+            length, batch, size = gi.shape[0], gi.shape[1], weight.shape[1]
+            a = attention.to(dtype).t().unsqueeze(-1) if augru else None  # [L, B, 1]
+            # gate pre-activations W x + b_i + b_h for all steps at once; U h is added per step
+            gi_gates = (gi[..., : 2 * size] + bias[: 2 * size]).contiguous()
+            gi_n2 = 2 * gi[..., 2 * size :]
+            w_gates, w_n, bias_n = weight[: 2 * size].t(), weight[2 * size :].t(), bias[2 * size :]
+            states = gi.new_zeros(length + 1, batch, size)  # h_0 = 0, h_1 .. h_L
+            hidden_n = gi.new_empty(length, batch, size)  # U_n h_{t-1} + b_hn
+            gates = gi.new_empty(length, batch, 2 * size)  # r_t and u_t (AUGRU) or z_t (GRU)
+            candidates = gi.new_empty(length, batch, size)  # h~_t
+            for t in range(length):
+                torch.sigmoid(torch.addmm(gi_gates[t], states[t], w_gates), out=gates[t])
+                torch.addmm(bias_n, states[t], w_n, out=hidden_n[t])
+                z2 = torch.addcmul(gi_n2[t], gates[t, :, :size], hidden_n[t], value=2)
+                candidate = torch.sigmoid(z2, out=candidates[t]).mul_(2).sub_(1)  # tanh
+                gate = gates[t, :, size:]
+                if augru:  # h_t = h_{t-1} + a_t u_t (h~_t - h_{t-1})
+                    torch.lerp(states[t], candidate, a[t] * gate, out=states[t + 1])
+                else:  # h_t = h~_t + z_t (h_{t-1} - h~_t)
+                    torch.lerp(candidate, states[t], gate, out=states[t + 1])
+        ctx.save_for_backward(states, hidden_n, gates, candidates, a if augru else None, weight)
+        ctx.dtypes = (projected.dtype, attention.dtype, weight_hh.dtype, bias_hh.dtype)
+        return states[1:].transpose(0, 1)  # [B, L, H] view, float32 or wider
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states):  # type: ignore[override]
+        states, hidden_n, gates, candidates, a, weight = ctx.saved_tensors
+        length, batch, size = candidates.shape
+        augru = a is not None
+        with torch.autocast(grad_states.device.type, enabled=False):
+            upstream = grad_states.to(states.dtype).transpose(0, 1)  # [L, B, H]
+            previous = states[:-1]
+            r, gate = gates[..., :size], gates[..., size:]
+            gate_slope = gate * (1 - gate)
+            if augru:
+                update, d_update_d_gate = a * gate, a * gate_slope
+            else:
+                update, d_update_d_gate = 1 - gate, -gate_slope
+            change = candidates - previous  # h_t = h_{t-1} + update_t (h~_t - h_{t-1})
+            keep = 1 - update
+            gate_n = update * (1 - candidates.square())  # d h_t / d z_n
+            gate_r = hidden_n * r * (1 - r)  # d z_n / d z_r
+            d_update = torch.empty_like(candidates)
+            d_candidate = torch.empty_like(candidates)  # dL/dz_n
+            d_hidden = candidates.new_empty(length, batch, 3 * size)  # dz_r, dz_gate, r dz_n
+            dh = torch.zeros_like(previous[0])
+            for t in range(length - 1, -1, -1):
+                dh = dh + upstream[t]
+                torch.mul(dh, change[t], out=d_update[t])
+                torch.mul(d_update[t], d_update_d_gate[t], out=d_hidden[t, :, size : 2 * size])
+                d_zn = torch.mul(dh, gate_n[t], out=d_candidate[t])
+                torch.mul(d_zn, gate_r[t], out=d_hidden[t, :, :size])
+                torch.mul(d_zn, r[t], out=d_hidden[t, :, 2 * size :])
+                dh = torch.addmm(dh * keep[t], d_hidden[t], weight)
+            d_projected = torch.cat([d_hidden[..., : 2 * size], d_candidate], dim=-1)
+            d_attention = (d_update * gate).sum(-1).t() if augru else None  # [B, L]
+            flat = d_hidden.reshape(-1, 3 * size)
+            d_weight = flat.t() @ previous.reshape(-1, size)
+            d_bias = flat.sum(0)
+        projected_dtype, attention_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            d_projected.transpose(0, 1).to(projected_dtype),
+            d_attention.to(attention_dtype) if augru else None,
+            d_weight.to(weight_dtype),
+            d_bias.to(bias_dtype),
+        )
+
+
+def minibatch_aware_l2(embedding_weight: Tensor, ids: Tensor, frequency: Tensor) -> Tensor:
+    """DIN's mini-batch aware L2 (sec. 5.1): sum over ids j in the batch of ||w_j||^2 / n_j.
+
+    Only rows that appear in `ids` (any shape; 0 = padding is skipped) are regularised, each
+    once however often it appears, scaled by 1 / its frequency `n_j` (`frequency[j]`, e.g.
+    training occurrences; clamped to >= 1).
+    """
+    present = torch.unique(ids.reshape(-1))
+    present = present[present != 0]
+    frequency = torch.as_tensor(frequency, device=embedding_weight.device)
+    rows = embedding_weight[present]
+    scale = frequency[present.to(frequency.device)].to(rows.dtype).clamp_min(1.0)
+    return (rows.square().sum(-1) / scale).sum()
+
+
+class CTRModel(nn.Module):
+    """What every model offers beyond `forward(batch) -> logits [B]`.
+
+    `attention(batch) -> [B, L]`, `auxiliary_loss`, `forward_with_auxiliary`, `regularization`,
+    `item_embedding` / `category_embedding` (the shared tables), and `config` (the constructor
+    arguments: `type(model)(**model.config)` rebuilds the architecture).
+    """
+
+    name: str = ""
+    config: dict
+    embedding: BehaviorEmbedding
+    l2_weight: float = 0.0
+
+    @property
+    def item_embedding(self) -> nn.Embedding:
+        return self.embedding.item_embedding
+
+    @property
+    def category_embedding(self) -> nn.Embedding:
+        return self.embedding.category_embedding
+
+    def attention(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def auxiliary_loss(self, batch: Batch) -> Tensor | None:
+        """Only DIEN has an auxiliary loss."""
+        return None
+
+    def forward_with_auxiliary(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """`(logits [B], auxiliary loss or None)`, sharing work where a model has both."""
+        return self(batch), None
+
+    def regularization(
+        self, batch: Batch, item_frequency: Tensor, category_frequency: Tensor | None = None
+    ) -> Tensor:
+        """`l2_weight` * mini-batch aware L2 of the embeddings of the batch's ids (0 when off).
+
+        `item_frequency` `[n_items + 1]` (and `category_frequency` `[n_categories + 1]`, whose
+        table is only regularised when given) count each id's training occurrences.
+        """
+        weight = self.item_embedding.weight
+        if not self.l2_weight:
+            return weight.new_zeros(())
+        padding = ~batch["mask"]
+        items = torch.cat(
+            [batch["target_item"], batch["hist_item"].masked_fill(padding, 0).flatten()]
+        )
+        term = minibatch_aware_l2(weight, items, item_frequency)
+        if category_frequency is not None:
+            categories = torch.cat(
+                [batch["target_category"], batch["hist_category"].masked_fill(padding, 0).flatten()]
+            )
+            term = term + minibatch_aware_l2(
+                self.category_embedding.weight, categories, category_frequency
+            )
+        return self.l2_weight * term

@@ -1,0 +1,76 @@
+"""Training nodes: build a model from the feature spec, fit it, apply the cold-start fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from attention_ctr.models import build_model
+from attention_ctr.sequences import SampleTensors
+from attention_ctr.training import (
+    TrainingConfig,
+    apply_category_average,
+    fit,
+    pick_device,
+    seed_everything,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _training_config(training: dict, model_params: dict) -> TrainingConfig:
+    """Shared training parameters, overridden by the model's own `training` block."""
+    return TrainingConfig.from_params({**training, **model_params.get("training", {})})
+
+
+def initialise_model(feature_spec: dict, model_params: dict, training: dict) -> nn.Module:
+    """A freshly initialised, seeded model sized by the feature spec."""
+    config = _training_config(training, model_params)
+    seed_everything(config.seed)
+    sizes = {
+        "n_items": feature_spec["n_items"],
+        "n_categories": feature_spec["n_categories"],
+        "n_behaviors": feature_spec["n_behaviors"],
+        "n_time_gap_buckets": feature_spec["n_time_gap_buckets"],
+        "max_history": feature_spec["max_history"],
+    }
+    model = build_model(model_params["name"], **sizes, **model_params.get("options", {}))
+    parameters = sum(p.numel() for p in model.parameters())
+    logger.info("Built %s with %s parameters", model.name, f"{parameters:,}")
+    return model
+
+
+def fit_model(
+    model: nn.Module,
+    train_samples: pd.DataFrame,
+    validation_samples: pd.DataFrame,
+    events: pd.DataFrame,
+    feature_spec: dict,
+    item_frequency: pd.DataFrame,
+    model_params: dict,
+    training: dict,
+) -> tuple[nn.Module, pd.DataFrame]:
+    """Train on the training split with early stopping on validation AUC."""
+    config = _training_config(training, model_params)
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    logger.info("Training %s on %s", model.name, device)
+    train = SampleTensors(train_samples, events, feature_spec, device)
+    validation = SampleTensors(validation_samples, events, feature_spec, device)
+    frequency = torch.as_tensor(
+        np.concatenate([[1], item_frequency["train_count"].to_numpy()]), device=device
+    )
+    return fit(model, train, validation, config, frequency)
+
+
+def apply_cold_start(
+    model: nn.Module, cold_start_items: pd.DataFrame, cold_start_weights: pd.DataFrame
+) -> nn.Module:
+    """Give cold items their category's frequency-weighted average embedding."""
+    replaced = apply_category_average(model, cold_start_items, cold_start_weights)
+    logger.info("%s: %d cold items now use their category's average", model.name, replaced)
+    return model

@@ -1,0 +1,62 @@
+from kedro.pipeline import Node, Pipeline
+
+from attention_ctr.models import MODELS
+from attention_ctr.pipelines.training.nodes import apply_cold_start, fit_model, initialise_model
+
+SHARED_INPUTS = {
+    "train_samples",
+    "validation_samples",
+    "events",
+    "feature_spec",
+    "item_frequency",
+    "cold_start_items",
+    "cold_start_weights",
+}
+
+
+def create_model_pipeline() -> Pipeline:
+    """One model's branch; instantiated per model under its namespace."""
+    return Pipeline(
+        [
+            Node(
+                initialise_model,
+                ["feature_spec", "params:model", "params:training"],
+                "initial_model",
+                name="initialise_model",
+            ),
+            Node(
+                fit_model,
+                [
+                    "initial_model",
+                    "train_samples",
+                    "validation_samples",
+                    "events",
+                    "feature_spec",
+                    "item_frequency",
+                    "params:model",
+                    "params:training",
+                ],
+                ["trained_model", "training_history"],
+                name="fit_model",
+            ),
+            Node(
+                apply_cold_start,
+                ["trained_model", "cold_start_items", "cold_start_weights"],
+                "model",
+                name="apply_cold_start",
+            ),
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    template = create_model_pipeline()
+    return sum(
+        Pipeline(
+            template,
+            namespace=name,
+            inputs=SHARED_INPUTS,
+            parameters={"params:training": "params:training"},
+        )
+        for name in MODELS
+    )

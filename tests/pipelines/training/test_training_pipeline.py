@@ -1,0 +1,82 @@
+"""The training pipeline through real Kedro runs on a small synthetic log."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attention_ctr.models import MODELS
+from attention_ctr.sandbox import make_project_copy, run_pipeline
+from attention_ctr.sequences import SampleTensors
+from attention_ctr.training import predict
+from conftest import PROJECT_ROOT, SMALL_SYNTHETIC
+
+FAST_TRAINING = {
+    **SMALL_SYNTHETIC,
+    "training.epochs": 2,
+    "training.progress_bar": False,
+    "feature_engineering.max_history": 20,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    project = make_project_copy(tmp_path_factory.mktemp("train") / "project", source=PROJECT_ROOT)
+    catalog = run_pipeline(
+        project, params=FAST_TRAINING, pipelines=["ingestion", "feature_engineering", "training"]
+    )
+    return project, catalog
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_is_a_versioned_state_dict_that_reloads(trained, name):
+    project, catalog = trained
+    versions = list((project / "data" / "06_models" / name / "model.pt").iterdir())
+    assert len(versions) == 1 and (versions[0] / "model.pt").is_file()
+    artifact = torch.load(versions[0] / "model.pt", weights_only=True)
+    assert artifact["model"] == name and isinstance(artifact["config"], dict)
+    assert all(isinstance(v, torch.Tensor) for v in artifact["state_dict"].values())
+
+    model = catalog.load(f"{name}.model")
+    spec = catalog.load("feature_spec")
+    test = SampleTensors(catalog.load("test_samples"), catalog.load("events"), spec)
+    probabilities = predict(model, test, 512)
+    assert probabilities.shape == (len(test),) and np.isfinite(probabilities).all()
+    history = catalog.load(f"{name}.training_history")
+    assert history["epoch"].tolist() == [1, 2]
+    assert {"train_loss", "validation_auc", "train_samples_per_second"} <= set(history.columns)
+
+
+def test_cold_items_use_their_categorys_weighted_average(trained):
+    _, catalog = trained
+    cold = catalog.load("cold_start_items")
+    weights = catalog.load("cold_start_weights")
+    assert len(cold), "the small synthetic log should have cold items"
+    for name in MODELS:
+        table = catalog.load(f"{name}.model").item_embedding.weight.detach()
+        for category, group in weights.groupby("category"):
+            cold_here = cold.loc[cold["category"] == category, "item"].to_numpy()
+            if not len(cold_here):
+                continue
+            average = (
+                table[group["item"].to_numpy()]
+                * torch.as_tensor(group["weight"].to_numpy(np.float32))[:, None]
+            ).sum(0)
+            torch.testing.assert_close(table[cold_here], average.expand(len(cold_here), -1))
+
+
+def test_one_model_trains_alone_and_runs_are_deterministic(trained, tmp_path):
+    _, catalog = trained
+    project = make_project_copy(tmp_path / "project", source=PROJECT_ROOT)
+    run_pipeline(project, params=FAST_TRAINING, pipelines=["ingestion", "feature_engineering"])
+    alone = run_pipeline(project, "training", FAST_TRAINING, namespaces=["din"])
+    assert not (project / "data" / "06_models" / "bst").exists()
+    first = catalog.load("din.training_history")
+    again = alone.load("din.training_history")
+    np.testing.assert_allclose(
+        again[["train_loss", "validation_auc"]].to_numpy(),
+        first[["train_loss", "validation_auc"]].to_numpy(),
+        rtol=0,
+        atol=1e-6,
+    )
