@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import PROJECT_ROOT, SMALL_SYNTHETIC
 
 from attention_ctr.models import MODELS
 from attention_ctr.sandbox import make_project_copy, run_pipeline
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.training import predict
-from conftest import PROJECT_ROOT, SMALL_SYNTHETIC
 
 FAST_TRAINING = {
     **SMALL_SYNTHETIC,

@@ -94,7 +94,7 @@ def _user_positions(user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _split_roles(events: pd.DataFrame, min_user_events: int) -> np.ndarray:
-    """Per event: TRAIN, VALIDATION (a user's second-to-last), TEST (last), or -1 (user too short)."""
+    """Per event: TRAIN, VALIDATION (user's second-to-last), TEST (last), -1 (user too short)."""
     position, count, _ = _user_positions(events["user"].to_numpy())
     role = np.full(len(events), TRAIN, dtype=np.int8)
     role[position == count - 2] = VALIDATION
@@ -361,7 +361,7 @@ def describe_features(
         },
     }
     logger.info(
-        "Features: %d events, %d users (%d dropped), samples train/val/test %d/%d/%d, %d cold items",
+        "Features: %d events, %d users (%d dropped), train/val/test samples %d/%d/%d, %d cold",
         report["events"],
         report["users"],
         report["users_dropped_too_few_events"],
