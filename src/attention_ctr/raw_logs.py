@@ -216,7 +216,7 @@ def write_taobao(events: pd.DataFrame, path: str | Path) -> None:
 
 
 def read_movielens(directory: str | Path, fav_rating: float = 4.0) -> RawEvents:
-    """MovieLens `ratings.csv` + `movies.csv`: a rating is a behaviour, its first genre the category.
+    """MovieLens `ratings.csv` + `movies.csv`: a rating is a behaviour, first genre its category.
 
     Ratings of at least `fav_rating` stars become `fav`, lower ones `pv`; a rating that is not a
     number leaves the behaviour missing, so the row is quarantined.

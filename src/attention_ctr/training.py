@@ -124,7 +124,7 @@ def fit(
             train.batches(config.batch_size, shuffle=True, generator=generator),
             total=steps,
             desc=f"{model.name} epoch {epoch}",
-            disable=not config.progress_bar,
+            disable=None if config.progress_bar else True,  # None: off when not on a terminal
             leave=False,
         )
         for batch, labels in bar:

@@ -60,7 +60,7 @@ def test_cold_items_use_their_categorys_weighted_average(trained):
             if not len(cold_here):
                 continue
             average = (
-                table[group["item"].to_numpy()]
+                table[torch.tensor(group["item"].to_numpy())]
                 * torch.as_tensor(group["weight"].to_numpy(np.float32))[:, None]
             ).sum(0)
             torch.testing.assert_close(table[cold_here], average.expand(len(cold_here), -1))
