@@ -114,7 +114,9 @@ def fit(
     best_auc, best_state, stale, history = -math.inf, None, 0, []
     validation_labels = validation.label.cpu().numpy()
 
-    for epoch in range(1, config.epochs + 1):
+    show = None if config.progress_bar else True  # None: tqdm turns itself off off-terminal
+    epochs = tqdm(range(1, config.epochs + 1), desc=model.name, unit="epoch", disable=show)
+    for epoch in epochs:
         model.train()
         started = time.perf_counter()
         totals = {"loss": 0.0, "auxiliary_loss": 0.0}
@@ -124,7 +126,7 @@ def fit(
             train.batches(config.batch_size, shuffle=True, generator=generator),
             total=steps,
             desc=f"{model.name} epoch {epoch}",
-            disable=None if config.progress_bar else True,  # None: off when not on a terminal
+            disable=show,
             leave=False,
         )
         for batch, labels in bar:
@@ -167,6 +169,7 @@ def fit(
             metrics["logloss"],
             history[-1]["train_samples_per_second"],
         )
+        epochs.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_auc=f"{metrics['auc']:.4f}")
         if metrics["auc"] > best_auc:
             best_auc, stale = metrics["auc"], 0
             best_state = copy.deepcopy(model.state_dict())
