@@ -6,18 +6,13 @@ import json
 
 import pytest
 import torch
+from model_sizes import SIZES
 
 from attention_ctr.models import FEATURE_KEYS, MODELS, build_model, random_batch
 
 MAX_HISTORY = 6
 SMALL = {
-    "n_items": 40,
-    "n_categories": 5,
-    "n_behaviors": 4,
-    "n_time_gap_buckets": 7,
-    "max_history": MAX_HISTORY,
-    "embedding_dim": 8,
-    "mlp_hidden": [16, 8],
+    **SIZES,
 }
 EXTRA = {  # smaller internals, and the behaviour-type embedding on so every table is exercised
     "pooling": {"use_behavior": True},

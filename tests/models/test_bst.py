@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_sizes import SIZES
 
 from attention_ctr.models import BST, random_batch
 from attention_ctr.models.bst import TransformerBlock, fast_dropout
 
 MAX_HISTORY = 6
 SMALL = {
-    "n_items": 40,
-    "n_categories": 5,
-    "n_behaviors": 4,
-    "n_time_gap_buckets": 7,
-    "max_history": MAX_HISTORY,
-    "embedding_dim": 8,
-    "mlp_hidden": [16, 8],
+    **SIZES,
     "n_heads": 4,
     "feedforward_dim": 16,
 }

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_sizes import SIZES
 
 from attention_ctr.models import PoolingModel, random_batch
 
 SMALL = {
-    "n_items": 40,
-    "n_categories": 5,
-    "n_behaviors": 4,
-    "n_time_gap_buckets": 7,
-    "max_history": 6,
-    "embedding_dim": 8,
-    "mlp_hidden": [16, 8],
+    **SIZES,
 }
 
 
