@@ -8,9 +8,12 @@ keeps the state with the best validation AUC.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import logging
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -67,6 +70,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def keep_freed_memory_for_reuse() -> bool:
+    """Stop glibc from handing large freed blocks back to the kernel after every op.
+
+    A training step allocates and frees dozens of multi-MB activations. By default glibc serves
+    each from a fresh mmap (or trims the heap after it), so every step pays thousands of page
+    faults zeroing the same memory again: about a fifth of DIN's CPU step. Raising the mmap and
+    trim thresholds keeps those blocks in the heap for the next step (what tcmalloc and jemalloc
+    do by design). The price is a process that gives memory back to the OS later. Returns
+    whether the allocator was tuned (glibc only; a no-op elsewhere).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or sys.platform != "linux":
+        return _ALLOCATOR_TUNED
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    _ALLOCATOR_TUNED = bool(
+        mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
+        and mallopt(m_trim_threshold, 1 << 30)
+        and mallopt(m_top_pad, 64 << 20)
+    )
+    return _ALLOCATOR_TUNED
+
+
+_ALLOCATOR_TUNED = False
+
+
 def _autocast(device: torch.device, config: TrainingConfig):
     if device.type == "cuda" and config.bf16_on_gpu:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -105,6 +138,8 @@ def fit(
 ) -> tuple[nn.Module, pd.DataFrame]:
     """Train with early stopping on validation AUC; return the best model and per-epoch history."""
     device = train.device
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(
