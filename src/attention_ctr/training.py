@@ -41,6 +41,8 @@ class TrainingConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     bf16_on_gpu: bool = True
+    bf16_on_cpu: bool = False
+    compile: bool = False
     progress_bar: bool = True
 
     @classmethod
@@ -103,7 +105,41 @@ _ALLOCATOR_TUNED = False
 def _autocast(device: torch.device, config: TrainingConfig):
     if device.type == "cuda" and config.bf16_on_gpu:
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and config.bf16_on_cpu:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def _check_cpu_bf16(device: torch.device, config: TrainingConfig) -> None:
+    if device.type == "cpu" and config.bf16_on_cpu and not torch.backends.mkldnn.is_available():
+        raise ValueError("Parameter training.bf16_on_cpu needs a PyTorch build with oneDNN")
+    if device.type == "cpu" and config.bf16_on_cpu and not _cpu_has_native_bf16():
+        logger.warning(
+            "training.bf16_on_cpu: this CPU has no native bf16 (AVX512-BF16 or AMX); "
+            "bf16 matmuls will be emulated and slower than float32"
+        )
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def batch_losses(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    item_frequency: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(click BCE, weighted auxiliary loss or None, total loss to minimise) for one batch."""
+    logits, auxiliary = model.forward_with_auxiliary(batch)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+    total = loss if auxiliary is None else loss + auxiliary.float()
+    if item_frequency is not None:  # DIN's mini-batch aware L2 (0 unless enabled)
+        total = total + model.regularization(batch, item_frequency)
+    return loss, auxiliary, total
 
 
 @torch.no_grad()
@@ -146,6 +182,10 @@ def fit(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     autocast = lambda: _autocast(device, config)  # noqa: E731
+    _check_cpu_bf16(device, config)
+    # torch.compile fuses the elementwise work of forward and backward (Dice, masks, gates)
+    # into a few kernels; it pays a one-off compile of tens of seconds per model.
+    losses = torch.compile(batch_losses) if config.compile else batch_losses
     best_auc, best_state, stale, history = -math.inf, None, 0, []
     validation_labels = validation.label.cpu().numpy()
 
@@ -166,11 +206,7 @@ def fit(
         )
         for batch, labels in bar:
             with autocast():
-                logits, auxiliary = model.forward_with_auxiliary(batch)
-                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
-                total = loss if auxiliary is None else loss + auxiliary.float()
-                if item_frequency is not None:  # DIN's mini-batch aware L2 (0 unless enabled)
-                    total = total + model.regularization(batch, item_frequency)
+                loss, auxiliary, total = losses(model, batch, labels, item_frequency)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

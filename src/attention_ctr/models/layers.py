@@ -353,14 +353,18 @@ class DINAttention(nn.Module):
     ) -> Tensor:
         """The unit's raw output `[B, L]`, exactly 0 on padding.
 
-        With `skip_padding` (default: on CPU, outside ONNX export) the unit runs on the real
-        positions only, gathered into `[N, E]` rows: padding costs nothing and cannot enter
-        Dice's batch statistics. Otherwise it runs on the dense `[B, L]` grid with the mask
-        handed to Dice (the export path: no data-dependent shapes). Both give the same result.
+        With `skip_padding` (default: on CPU, outside ONNX export and torch.compile) the unit
+        runs on the real positions only, gathered into `[N, E]` rows: padding costs nothing and
+        cannot enter Dice's batch statistics. Otherwise it runs on the dense `[B, L]` grid with
+        the mask handed to Dice (no data-dependent shapes). Both give the same result.
         """
         batch, length, dim = history.shape
-        if skip_padding is None:
-            skip_padding = history.device.type == "cpu" and not torch.onnx.is_in_onnx_export()
+        if skip_padding is None:  # packing has data-dependent shapes: not for export or compile
+            skip_padding = (
+                history.device.type == "cpu"
+                and not torch.onnx.is_in_onnx_export()
+                and not torch.compiler.is_compiling()
+            )
         if not skip_padding:
             hidden = self.first_layer(history, target)  # = unit.linears[0](unit_input(h, t))
             return self.unit.after_first_linear(hidden, mask).squeeze(-1).masked_fill(~mask, 0.0)
