@@ -172,14 +172,10 @@ def compute_test_metrics(test_predictions: pd.DataFrame) -> dict:
 
 
 # ---------------------------------------------------------------- latency
-def _best_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Best wall time of `repeats` runs: on a shared host, noise only ever adds time."""
-    best = math.inf
-    for _ in range(max(repeats, 1)):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
+def _seconds(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
 
 
 def time_inference(
@@ -191,10 +187,11 @@ def time_inference(
 ) -> dict:
     """Eager torch vs onnxruntime on the same CPU test batches, in ms per 1,000 samples.
 
-    The model is exported in memory with `export_onnx`; both run with `threads` threads after
-    one untimed pass (which also gives the parity figure reported beside the timings).
+    The model is exported in memory with `export_onnx`; both runtimes use `threads` threads,
+    and the max abs difference of their logits is reported beside the timings.
     """
     threads, batch_size = int(params["threads"]), int(params["batch_size"])
+    repeats = max(int(params["repeats"]), 1)
     samples = test_samples.iloc[: int(params["samples"])]
     if samples.empty:
         raise ValueError("evaluation.latency: the test split (test_samples) has no samples to time")
@@ -204,28 +201,33 @@ def time_inference(
     session = onnx_session(export_onnx(model), threads)
     feeds = [onnx_feed(session, batch) for batch in batches]  # conversion is not timed
 
+    def run_torch() -> list[torch.Tensor]:
+        return [model(batch) for batch in batches]
+
+    def run_onnx() -> list[np.ndarray]:
+        return [session.run([OUTPUT_NAME], feed)[0] for feed in feeds]
+
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            torch_logits = np.concatenate([model(batch).numpy() for batch in batches])
-            torch_seconds = _best_seconds(
-                lambda: [model(batch) for batch in batches], int(params["repeats"])
-            )
+            # Untimed first passes: warm-up, and the outputs for the parity figure.
+            torch_logits = torch.cat(run_torch()).numpy()
+            onnx_logits = np.concatenate(run_onnx())
+            # Interleaved passes, best of each: on a shared host noise only ever adds time,
+            # and interleaving exposes both runtimes to the same load.
+            timings = [(_seconds(run_torch), _seconds(run_onnx)) for _ in range(repeats)]
     finally:
         torch.set_num_threads(previous_threads)
-    onnx_logits = np.concatenate([session.run([OUTPUT_NAME], feed)[0] for feed in feeds])
-    onnx_seconds = _best_seconds(
-        lambda: [session.run([OUTPUT_NAME], feed) for feed in feeds], int(params["repeats"])
-    )
+    torch_seconds, onnx_seconds = np.min(timings, axis=0)
     to_ms_per_1000 = 1e6 / len(samples)
     result = {
         "samples": len(samples),
         "batch_size": batch_size,
         "threads": threads,
-        "repeats": int(params["repeats"]),
-        "torch_ms_per_1000": torch_seconds * to_ms_per_1000,
-        "onnxruntime_ms_per_1000": onnx_seconds * to_ms_per_1000,
+        "repeats": repeats,
+        "torch_ms_per_1000": float(torch_seconds * to_ms_per_1000),
+        "onnxruntime_ms_per_1000": float(onnx_seconds * to_ms_per_1000),
         "onnx_max_abs_diff": float(np.abs(onnx_logits - torch_logits).max()),
     }
     logger.info(

@@ -28,7 +28,6 @@ SHARED_INPUTS = {
     "category_ids",
     "behavior_ids",
     "user_ids",
-    "explanation_candidates",
 }
 # A model branch's results that the cross-model reports read. Exposed under flat names
 # (`din_evaluation_summary`, ...): a node outside a namespace should not read dotted names.
@@ -77,6 +76,14 @@ def create_model_pipeline() -> Pipeline:
                 "attention_profile",
                 name="profile_attention",
             ),
+            # Seeded: every model ranks the same users' same candidates. Drawn per branch so
+            # that `--namespaces din` runs a whole branch.
+            Node(
+                draw_explanation_candidates,
+                ["test_samples", "item_ids", f"{PARAMS}.explanations"],
+                "explanation_candidates",
+                name="draw_explanation_candidates",
+            ),
             Node(
                 explain_rankings,
                 [
@@ -110,18 +117,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             namespace=name,
             inputs=SHARED_INPUTS,
             outputs={output: f"{name}_{output}" for output in CROSS_MODEL_OUTPUTS},
-            parameters={PARAMS, f"{PARAMS}.latency"},
+            parameters={PARAMS, f"{PARAMS}.latency", f"{PARAMS}.explanations"},
         )
         for name in MODELS
     )
     reports = Pipeline(
         [
-            Node(
-                draw_explanation_candidates,
-                ["test_samples", "item_ids", f"{PARAMS}.explanations"],
-                "explanation_candidates",
-                name="draw_explanation_candidates",
-            ),
             Node(
                 compare_models,
                 per_model("evaluation_summary"),
