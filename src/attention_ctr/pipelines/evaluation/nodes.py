@@ -298,13 +298,15 @@ def compare_models(**summaries: dict) -> tuple[dict, str]:
         }
         for summary in summaries.values()
     ]
-    setup = next(iter(summaries.values()))["latency_setup"] if summaries else {}
+    first = next(iter(summaries.values()), {})
+    setup = first.get("latency_setup", {})
     note = (
         f"Latency: eager torch and onnxruntime on the CPU, {setup.get('threads')} threads, "
-        f"batches of {setup.get('batch_size')}, best of {setup.get('repeats')} passes over "
-        f"{setup.get('samples')} test samples; ms per 1,000 samples. Cold AUC: test samples "
-        "whose target item is cold, with the category-average embedding (fallback) and with "
-        "the item's own trained row (no fallback). Training s: sum of the epochs' training passes."
+        f"batches of {setup.get('batch_size')}, best of {setup.get('repeats')} interleaved "
+        f"passes over {setup.get('samples')} test samples; ms per 1,000 samples. Cold AUC: the "
+        f"{first.get('cold_start_samples')} test samples whose target item is cold, with the "
+        "category-average embedding (fallback) and with the item's own trained row (no "
+        "fallback). Training s: sum of the epochs' training passes."
     )
     headers = [header for header, _ in COMPARISON_COLUMNS.values()]
     lines = [
