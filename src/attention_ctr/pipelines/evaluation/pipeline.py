@@ -1,0 +1,165 @@
+from kedro.pipeline import Node, Pipeline
+
+from attention_ctr.models import MODELS
+from attention_ctr.pipelines.evaluation.nodes import (
+    collect_explanations,
+    compare_models,
+    compute_test_metrics,
+    draw_explanation_candidates,
+    explain_rankings,
+    plot_attention_distribution,
+    plot_attention_heatmap,
+    plot_roc_curves,
+    plot_training_curves,
+    predict_test_split,
+    profile_attention,
+    report_attention_distribution,
+    summarise_evaluation,
+    time_inference,
+)
+
+PARAMS = "params:evaluation"
+SHARED_INPUTS = {
+    "test_samples",
+    "events",
+    "feature_spec",
+    "cold_start_items",
+    "item_ids",
+    "category_ids",
+    "behavior_ids",
+    "user_ids",
+}
+# A model branch's results that the cross-model reports read. Exposed under flat names
+# (`din_evaluation_summary`, ...): a node outside a namespace should not read dotted names.
+CROSS_MODEL_OUTPUTS = (
+    "evaluation_summary",
+    "test_predictions",
+    "attention_profile",
+    "explanations",
+)
+
+
+def create_model_pipeline() -> Pipeline:
+    """One model's branch; instantiated per model under its namespace, like training."""
+    return Pipeline(
+        [
+            Node(
+                predict_test_split,
+                [
+                    "model",
+                    "trained_model",
+                    "test_samples",
+                    "events",
+                    "feature_spec",
+                    "cold_start_items",
+                    PARAMS,
+                ],
+                "test_predictions",
+                name="predict_test_split",
+            ),
+            Node(compute_test_metrics, "test_predictions", "test_metrics", name="compute_metrics"),
+            Node(
+                time_inference,
+                ["model", "test_samples", "events", "feature_spec", f"{PARAMS}.latency"],
+                "inference_latency",
+                name="time_torch_and_onnxruntime",
+            ),
+            Node(
+                summarise_evaluation,
+                ["model", "test_metrics", "inference_latency", "training_history"],
+                "evaluation_summary",
+                name="summarise_evaluation",
+            ),
+            Node(
+                profile_attention,
+                ["model", "test_samples", "events", "feature_spec", "user_ids", PARAMS],
+                "attention_profile",
+                name="profile_attention",
+            ),
+            # Seeded: every model ranks the same users' same candidates. Drawn per branch so
+            # that `--namespaces din` runs a whole branch.
+            Node(
+                draw_explanation_candidates,
+                ["test_samples", "item_ids", f"{PARAMS}.explanations"],
+                "explanation_candidates",
+                name="draw_explanation_candidates",
+            ),
+            Node(
+                explain_rankings,
+                [
+                    "model",
+                    "explanation_candidates",
+                    "events",
+                    "feature_spec",
+                    "item_ids",
+                    "category_ids",
+                    "behavior_ids",
+                    "user_ids",
+                    PARAMS,
+                ],
+                "explanations",
+                name="explain_rankings",
+            ),
+        ]
+    )
+
+
+def per_model(dataset: str) -> dict[str, str]:
+    """Keyword inputs {model name: that model's `dataset`} for a cross-model node."""
+    return {name: f"{name}_{dataset}" for name in MODELS}
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    template = create_model_pipeline()
+    models = sum(
+        Pipeline(
+            template,
+            namespace=name,
+            inputs=SHARED_INPUTS,
+            outputs={output: f"{name}_{output}" for output in CROSS_MODEL_OUTPUTS},
+            parameters={PARAMS, f"{PARAMS}.latency", f"{PARAMS}.explanations"},
+        )
+        for name in MODELS
+    )
+    reports = Pipeline(
+        [
+            Node(
+                compare_models,
+                per_model("evaluation_summary"),
+                ["model_comparison", "model_comparison_table"],
+                name="compare_models",
+            ),
+            Node(plot_roc_curves, per_model("test_predictions"), "roc_curves", name="plot_roc"),
+            Node(
+                plot_training_curves,
+                per_model("evaluation_summary"),
+                "training_curves",
+                name="plot_training_curves",
+            ),
+            Node(
+                plot_attention_heatmap,
+                per_model("attention_profile"),
+                "attention_heatmap",
+                name="plot_attention_heatmap",
+            ),
+            Node(
+                plot_attention_distribution,
+                per_model("attention_profile"),
+                "attention_distribution",
+                name="plot_attention_distribution",
+            ),
+            Node(
+                report_attention_distribution,
+                per_model("attention_profile"),
+                "attention_distribution_report",
+                name="report_attention_distribution",
+            ),
+            Node(
+                collect_explanations,
+                per_model("explanations"),
+                ["recommendation_explanations", "recommendation_explanations_report"],
+                name="collect_explanations",
+            ),
+        ]
+    )
+    return models + reports
