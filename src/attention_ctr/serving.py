@@ -333,7 +333,8 @@ class Scorer:
                 np.asarray(history_behaviors).astype(str)[order], "history_behaviors"
             )
             if not behavior.all():
-                unknown = sorted(set(np.asarray(history_behaviors).astype(str)) - set(self._names))
+                given = np.asarray(history_behaviors).astype(str).tolist()
+                unknown = sorted(set(given) - set(self._names))
                 raise ValueError(
                     f"history_behaviors holds {unknown}; expected some of {self._names}"
                 )
