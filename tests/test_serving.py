@@ -131,9 +131,9 @@ def test_history_order_batches_empty_history_and_explicit_files(served):
 
     version = catalog.get("bst.serving_metadata").resolve_load_version()
     folder = project / "data" / "06_models" / "bst" / "serving"
+    files = ("request_model.onnx", "metadata.json", "items.parquet", "categories.parquet")
     chunked = Scorer.from_files(
-        *(folder / name / version / name for name in ("model.onnx", "metadata.json")),
-        *(folder / name / version / name for name in ("items.parquet", "categories.parquet")),
+        *(folder / name / version / name for name in files),
         max_batch=1,
         cache_size=0,
     )
@@ -182,7 +182,7 @@ def test_bad_input_gives_clear_errors(served):
         din.score(history[:1], candidates, history_behaviors=["click"])
     with pytest.raises(ValueError, match="different export runs"):
         Scorer(
-            catalog.load("din.onnx_model"),
+            catalog.load("din.onnx_request_model"),
             catalog.load("bst.serving_metadata"),
             catalog.load("din.serving_items"),
             catalog.load("din.serving_categories"),

@@ -1,9 +1,11 @@
 """Score candidate items for one user's history, given in RAW ids, with an exported ONNX model.
 
-The export pipeline writes one bundle per model and run, all four files with the same version:
-`model.onnx` (the graph), `metadata.json` (inputs, max_history, time-gap edges, sizes, the
-graph's sha256), `items.parquet` (raw id -> row of the item table, category, cold flag) and
-`categories.parquet` (raw id -> category, the row of its cold-start vector).
+The export pipeline writes one bundle per model and run, all files with the same version:
+`request_model.onnx` (the request graph: one history `[1, L]`, K candidates; see
+`attention_ctr.onnx_export`), `metadata.json` (inputs, max_history, time-gap edges, sizes, the
+graphs' sha256), `items.parquet` (raw id -> row of the item table, category, cold flag) and
+`categories.parquet` (raw id -> category, the row of its cold-start vector); `model.onnx`, the
+batch graph, is for batch scoring elsewhere.
 
 How raw ids become graph inputs (vectorised, no per-item Python):
 
@@ -21,7 +23,7 @@ How raw ids become graph inputs (vectorised, no per-item Python):
 
 Histories are sorted by timestamp when timestamps are given (else taken oldest first), cut to
 the most recent `max_history` behaviours, and shared by all candidates: a request is ONE
-onnxruntime call on a `[candidates, history]` batch (split in `max_batch` chunks). Models with a
+call of the request graph (split in chunks of `max_batch` candidates). Models with a
 time-gap position (BST) need `history_timestamps` and the request time `now`: the gaps are
 bucketised with the project's `time_gap_bucket`, as in feature engineering. A history with no
 usable behaviour is scored as an empty (fully padded) history. Repeated requests (the same
@@ -126,10 +128,11 @@ class Scorer:
     ) -> None:
         name = metadata.get("model", "?")
         digest = hashlib.sha256(graph).hexdigest()
-        if digest != metadata.get("onnx_sha256"):
+        if digest != metadata.get("request_onnx_sha256"):
             raise ValueError(
-                f"The ONNX graph of {name} does not match its serving metadata (sha256 {digest} "
-                f"vs {metadata.get('onnx_sha256')}): the files come from different export runs"
+                f"The request graph of {name} does not match its serving metadata (sha256 "
+                f"{digest} vs {metadata.get('request_onnx_sha256')}): the files come from "
+                "different export runs"
             )
         self.metadata = metadata
         self.model = name
@@ -165,19 +168,19 @@ class Scorer:
     @classmethod
     def from_files(
         cls,
-        onnx_path: str | Path,
+        request_onnx_path: str | Path,
         metadata_path: str | Path,
         items_path: str | Path,
         categories_path: str | Path,
         **options,
     ) -> Scorer:
-        """From explicit paths of the four files of one export run."""
+        """From explicit paths of the files of one export run (the request graph's first)."""
         import json
 
         from attention_ctr.datasets.onnx_model_dataset import _check
 
-        graph = Path(onnx_path).read_bytes()
-        _check(graph, str(onnx_path))
+        graph = Path(request_onnx_path).read_bytes()
+        _check(graph, str(request_onnx_path))
         metadata = json.loads(Path(metadata_path).read_text())
         items, categories = pd.read_parquet(items_path), pd.read_parquet(categories_path)
         return cls(graph, metadata, items, categories, **options)
@@ -195,7 +198,7 @@ class Scorer:
         """From a Kedro project's catalog: the newest complete export of `model` or `version`.
 
         The newest version of `{model}.serving_metadata` is the anchor: it is written only when
-        the run's parity gate passed, and the other three files are loaded at its version.
+        the run's parity gate passed, and the other files are loaded at its version.
         """
         from kedro.framework.session import KedroSession
         from kedro.framework.startup import bootstrap_project
@@ -214,7 +217,12 @@ class Scorer:
                 raise FileNotFoundError(
                     f"No export of {model} in {project_path}: run `kedro run --pipeline export`"
                 ) from error
-            parts = ("onnx_model", "serving_metadata", "serving_items", "serving_categories")
+            parts = (
+                "onnx_request_model",
+                "serving_metadata",
+                "serving_items",
+                "serving_categories",
+            )
             loaded = []
             for part in parts:
                 try:
@@ -287,13 +295,11 @@ class Scorer:
             },
             "history_items",
         )
-        if (
-            self._lengths(
-                {"candidate_items": candidate_items, "candidate_categories": candidate_categories},
-                "candidate_items",
-            )
-            == 0
-        ):
+        candidates = self._lengths(
+            {"candidate_items": candidate_items, "candidate_categories": candidate_categories},
+            "candidate_items",
+        )
+        if not candidates:
             raise ValueError("candidate_items is empty: there is nothing to score")
         uses_time_gap = "time_gap" in self._inputs
         uses_behavior = "hist_behavior" in self._inputs
@@ -410,24 +416,22 @@ class Scorer:
         return probabilities.copy()
 
     def _run(self, request: Request, start: int, stop: int) -> np.ndarray:
-        size = stop - start
-        length = len(request.hist_item)
-        if length:
-            mask = np.ones((size, length), dtype=bool)
+        """One call of the request graph: the history `[1, L]` against candidates `start:stop`."""
+        if len(request.hist_item):
+            mask = np.ones((1, len(request.hist_item)), dtype=bool)
         else:  # no usable history: one padded position (the graph needs L >= 1)
-            length, mask = 1, np.zeros((size, 1), dtype=bool)
+            mask = np.zeros((1, 1), dtype=bool)
 
-        def tiled(values: np.ndarray) -> np.ndarray:
-            row = values if len(values) else np.zeros(1, dtype=np.int64)
-            return np.ascontiguousarray(np.broadcast_to(row, (size, length)))
+        def row(values: np.ndarray) -> np.ndarray:
+            return (values if len(values) else np.zeros(1, dtype=np.int64))[None, :]
 
         feed = {
             "target_item": request.target_item[start:stop],
             "target_category": request.target_category[start:stop],
-            "hist_item": tiled(request.hist_item),
-            "hist_category": tiled(request.hist_category),
-            "time_gap": tiled(request.time_gap),
-            "hist_behavior": tiled(request.hist_behavior),
+            "hist_item": row(request.hist_item),
+            "hist_category": row(request.hist_category),
+            "time_gap": row(request.time_gap),
+            "hist_behavior": row(request.hist_behavior),
             "mask": mask,
         }
         (logits,) = self._session.run([self._output], {name: feed[name] for name in self._inputs})

@@ -36,17 +36,20 @@ def test_every_model_exports_a_versioned_graph_that_matches_the_trained_model(ex
     project, catalog = exported
     (version,) = _versions(project, name)
     folder = project / "data" / "06_models" / name / "serving"
-    for part in ("model.onnx", "metadata.json", "items.parquet", "categories.parquet"):
+    parts = ("model.onnx", "request_model.onnx", "metadata.json", "items.parquet")
+    for part in (*parts, "categories.parquet"):
         assert (folder / part / version / part).is_file(), part
 
     report = catalog.load(f"{name}.export_report")
     parity = report["parity"]
     assert report["model"] == name and parity["max_abs_diff"] <= 1e-5
-    shapes = {(c["batch_size"], c["history_length"]) for c in parity["checks"]}
-    assert {(1, 1), (7, 1), (64, 1), (1, 12), (64, 12)} <= shapes  # 12 = max_history
-    assert any(c["targets"] == "cold_start_rows" for c in parity["checks"])
-    latency = report["latency"]
-    assert latency["torch_ms_per_1000"] > 0 and latency["onnxruntime_ms_per_1000"] > 0
+    for graph in ("batch", "request"):
+        checks = [check for check in parity["checks"] if check["graph"] == graph]
+        shapes = {(check["batch_size"], check["history_length"]) for check in checks}
+        assert {(1, 1), (7, 1), (64, 1), (1, 12), (64, 12)} <= shapes  # 12 = max_history
+        assert any(check["targets"] == "cold_start_rows" for check in checks)
+        assert report["latency"][f"onnxruntime_{graph}_ms_per_1000"] > 0
+        assert report["latency"][f"torch_{graph}_ms_per_1000"] > 0
 
     # Independently of the gate: the exported graph against the trained model, whole test split.
     session = onnx_session(catalog.load(f"{name}.onnx_model"))

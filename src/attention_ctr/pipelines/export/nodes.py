@@ -92,27 +92,45 @@ def _history_lengths(params: dict, samples: pd.DataFrame, max_history: int) -> l
     return sorted(set(lengths))
 
 
+def as_request(batch: dict) -> tuple[dict, dict]:
+    """Row 0's history against every row's target: the request graph's inputs (history
+    `[1, L]`) and the same request as a batch for eager torch (history expanded to `[K, L]`)."""
+    candidates = len(batch["target_item"])
+    request = {key: value[:1] if value.dim() == 2 else value for key, value in batch.items()}
+    tiled = {
+        key: value.expand(candidates, -1) if value.dim() == 2 else value
+        for key, value in request.items()
+    }
+    return request, tiled
+
+
 @torch.inference_mode()
 def check_parity(
     onnx_model: bytes,
+    onnx_request_model: bytes,
     serving_model: nn.Module,
     test_samples: pd.DataFrame,
     events: pd.DataFrame,
     feature_spec: dict,
     params: dict,
 ) -> dict:
-    """Max |p_onnx - p_torch| on held-out batches of several shapes; above the tolerance, fail.
+    """Max |p_onnx - p_torch| of both graphs on held-out batches; above the tolerance, fail.
 
     Shapes: every `batch_sizes` x `history_lengths` (1, the median history of the test split
     and `max_history` by default), plus the median-length batch with every target replaced by
-    its category's cold-start row.
+    its category's cold-start row. The request graph gets the same targets, all against the
+    first sample's history.
     """
     parity = params["parity"]
     tolerance = float(parity["tolerance"])
     name = serving_model.name
     if not len(test_samples):
         raise ValueError(f"{name}: test_samples is empty, there is nothing to check parity on")
-    session = onnx_session(onnx_model, int(params["threads"]))
+    threads = int(params["threads"])
+    sessions = {
+        "batch": onnx_session(onnx_model, threads),
+        "request": onnx_session(onnx_request_model, threads),
+    }
     model = serving_model.cpu().eval()
     max_history = int(feature_spec["max_history"])
     lengths = _history_lengths(parity, test_samples, max_history)
@@ -121,21 +139,30 @@ def check_parity(
     rows = rng.choice(len(test_samples), max(sizes), replace=len(test_samples) < max(sizes))
     tensors = SampleTensors(test_samples.iloc[np.sort(rows)], events, feature_spec)
 
-    def compare(batch: dict) -> float:
-        (logits,) = session.run(None, onnx_feed(session, batch))
-        difference = torch.sigmoid(torch.from_numpy(logits)) - torch.sigmoid(model(batch))
+    def compare(graph: str, batch: dict) -> float:
+        inputs, reference = as_request(batch) if graph == "request" else (batch, batch)
+        session = sessions[graph]
+        (logits,) = session.run(None, onnx_feed(session, inputs))
+        difference = torch.sigmoid(torch.from_numpy(logits)) - torch.sigmoid(model(reference))
         return float(difference.abs().max())
 
+    shapes = [(size, length, "held_out") for length in lengths for size in sizes]
+    shapes.append((max(sizes), lengths[len(lengths) // 2], "cold_start_rows"))
     checks = []
-    for length in lengths:
-        for size in sizes:
-            batch = _padded_batch(tensors, torch.arange(size), length)
-            checks.append({"batch_size": size, "history_length": length, "targets": "held_out"})
-            checks[-1]["max_abs_diff"] = compare(batch)
-    cold = _padded_batch(tensors, torch.arange(max(sizes)), lengths[len(lengths) // 2])
-    cold["target_item"] = cold["target_category"] + int(model.config["n_items"])
-    checks.append({"batch_size": max(sizes), "history_length": lengths[len(lengths) // 2]})
-    checks[-1].update(targets="cold_start_rows", max_abs_diff=compare(cold))
+    for size, length, targets in shapes:
+        batch = _padded_batch(tensors, torch.arange(size), length)
+        if targets == "cold_start_rows":
+            batch["target_item"] = batch["target_category"] + int(model.config["n_items"])
+        for graph in sessions:
+            checks.append(
+                {
+                    "graph": graph,
+                    "batch_size": size,
+                    "history_length": length,
+                    "targets": targets,
+                    "max_abs_diff": compare(graph, batch),
+                }
+            )
 
     worst = max(checks, key=lambda check: check["max_abs_diff"])
     logger.info(
@@ -143,10 +170,10 @@ def check_parity(
     )
     if not worst["max_abs_diff"] <= tolerance:  # also catches NaN
         raise ParityError(
-            f"ONNX export of {name} fails the parity gate: probabilities differ from eager torch "
-            f"by {worst['max_abs_diff']:.3g} at batch {worst['batch_size']} x history "
-            f"{worst['history_length']} ({worst['targets']} targets), above the tolerance "
-            f"{tolerance:g} (parameter export.parity.tolerance)"
+            f"ONNX export of {name} fails the parity gate: the {worst['graph']} graph's "
+            f"probabilities differ from eager torch by {worst['max_abs_diff']:.3g} at batch "
+            f"{worst['batch_size']} x history {worst['history_length']} ({worst['targets']} "
+            f"targets), above the tolerance {tolerance:g} (parameter export.parity.tolerance)"
         )
     return {
         "model": name,
@@ -156,13 +183,13 @@ def check_parity(
     }
 
 
-def _median_seconds(run, batches: list, repeats: int) -> float:
-    run(batches[0])  # warm-up: allocations, lazy initialisation
+def _median_seconds(run, inputs: list, repeats: int) -> float:
+    run(inputs[0])  # warm-up: allocations, lazy initialisation
     totals = []
     for _ in range(repeats):
         started = time.perf_counter()
-        for batch in batches:
-            run(batch)
+        for item in inputs:
+            run(item)
         totals.append(time.perf_counter() - started)
     return float(np.median(totals))
 
@@ -170,46 +197,59 @@ def _median_seconds(run, batches: list, repeats: int) -> float:
 @torch.inference_mode()
 def measure_latency(
     onnx_model: bytes,
+    onnx_request_model: bytes,
     serving_model: nn.Module,
     test_samples: pd.DataFrame,
     events: pd.DataFrame,
     feature_spec: dict,
     params: dict,
 ) -> dict:
-    """Milliseconds per 1,000 held-out samples on the CPU: eager torch vs onnxruntime."""
+    """Milliseconds per 1,000 held-out samples on the CPU, eager torch vs onnxruntime.
+
+    `batch`: batches of `batch_size` samples, each with its own history; `request`: requests
+    of `batch_size` candidates sharing one history (torch scores them as a tiled batch).
+    """
     latency = params["latency"]
     threads, batch_size = int(params["threads"]), int(latency["batch_size"])
-    count = int(latency["samples"])
+    count, repeats = int(latency["samples"]), int(latency["repeats"])
     rows = np.arange(count) % max(len(test_samples), 1)
     tensors = SampleTensors(test_samples.iloc[rows], events, feature_spec)
     batches = [tensors.batch(index) for index in torch.arange(count).split(batch_size)]
-    session = onnx_session(onnx_model, threads)
-    feeds = [onnx_feed(session, batch) for batch in batches]
+    requests = [as_request(batch) for batch in batches]
     model = serving_model.cpu().eval()
+    batch_session = onnx_session(onnx_model, threads)
+    request_session = onnx_session(onnx_request_model, threads)
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch_seconds = _median_seconds(model, batches, int(latency["repeats"]))
+        seconds = {
+            "torch_batch": _median_seconds(model, batches, repeats),
+            "torch_request": _median_seconds(model, [tiled for _, tiled in requests], repeats),
+        }
     finally:
         torch.set_num_threads(previous_threads)
-    onnx_seconds = _median_seconds(
-        lambda feed: session.run(None, feed), feeds, int(latency["repeats"])
-    )
-    per_thousand = 1000.0 / count * 1000.0
-    result = {
-        "threads": threads,
-        "batch_size": batch_size,
-        "samples": count,
-        "torch_ms_per_1000": torch_seconds * per_thousand,
-        "onnxruntime_ms_per_1000": onnx_seconds * per_thousand,
-        "onnxruntime_speedup": torch_seconds / onnx_seconds,
-    }
+    for graph, session, inputs in (
+        ("batch", batch_session, batches),
+        ("request", request_session, [request for request, _ in requests]),
+    ):
+        feeds = [onnx_feed(session, item) for item in inputs]
+        seconds[f"onnxruntime_{graph}"] = _median_seconds(
+            lambda feed, session=session: session.run(None, feed), feeds, repeats
+        )
+    result = {"threads": threads, "batch_size": batch_size, "samples": count}
+    result.update({f"{key}_ms_per_1000": value * 1e6 / count for key, value in seconds.items()})
+    for graph in ("batch", "request"):
+        result[f"{graph}_speedup"] = seconds[f"torch_{graph}"] / seconds[f"onnxruntime_{graph}"]
     logger.info(
-        "%s: %.1f ms (torch) vs %.1f ms (onnxruntime) per 1,000 samples",
+        "%s per 1,000 samples: batches %.1f ms (torch) vs %.1f ms (onnxruntime), requests of "
+        "%d candidates %.1f ms vs %.1f ms",
         serving_model.name,
-        result["torch_ms_per_1000"],
-        result["onnxruntime_ms_per_1000"],
+        result["torch_batch_ms_per_1000"],
+        result["onnxruntime_batch_ms_per_1000"],
+        batch_size,
+        result["torch_request_ms_per_1000"],
+        result["onnxruntime_request_ms_per_1000"],
     )
     return result
 
@@ -253,17 +293,21 @@ def build_serving_tables(
 
 
 def describe_serving(
-    onnx_model: bytes, serving_model: nn.Module, feature_spec: dict, parity: dict
+    onnx_model: bytes,
+    onnx_request_model: bytes,
+    serving_model: nn.Module,
+    feature_spec: dict,
+    parity: dict,
 ) -> dict:
-    """What a scorer needs beside the graph and the id tables (written once parity passed)."""
-    session = onnx_session(onnx_model, 1)
+    """What a scorer needs beside the graphs and the id tables (written once parity passed)."""
+    session = onnx_session(onnx_request_model, 1)
     config = serving_model.config
-    inputs = [item.name for item in session.get_inputs()]
     return {
         "model": serving_model.name,
         "config": config,
         "onnx_sha256": hashlib.sha256(onnx_model).hexdigest(),
-        "inputs": inputs,
+        "request_onnx_sha256": hashlib.sha256(onnx_request_model).hexdigest(),
+        "inputs": [item.name for item in session.get_inputs()],
         "output": session.get_outputs()[0].name,
         "output_is": "logits (apply a sigmoid for probabilities)",
         "max_history": int(feature_spec["max_history"]),
@@ -277,15 +321,22 @@ def describe_serving(
     }
 
 
-def build_export_report(onnx_model: bytes, parity: dict, latency: dict) -> dict:
-    """The export report: graph size, opset, parity per shape and latency."""
-    graph = onnx.load_from_string(onnx_model)
+def build_export_report(
+    onnx_model: bytes, onnx_request_model: bytes, parity: dict, latency: dict
+) -> dict:
+    """The export report: graph sizes, opset, parity per graph and shape, latency."""
+    graphs = {"batch": onnx_model, "request": onnx_request_model}
     return {
         "model": parity["model"],
-        "onnx_bytes": len(onnx_model),
-        "onnx_sha256": hashlib.sha256(onnx_model).hexdigest(),
         "opset": OPSET,
-        "nodes": len(graph.graph.node),
+        "graphs": {
+            name: {
+                "bytes": len(graph),
+                "sha256": hashlib.sha256(graph).hexdigest(),
+                "nodes": len(onnx.load_from_string(graph).graph.node),
+            }
+            for name, graph in graphs.items()
+        },
         "parity": parity,
         "latency": latency,
     }

@@ -1,7 +1,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from attention_ctr.models import MODELS
-from attention_ctr.onnx_export import export_onnx
+from attention_ctr.onnx_export import export_onnx, export_request_onnx
 from attention_ctr.pipelines.export.nodes import (
     add_cold_start_rows,
     build_export_report,
@@ -21,6 +21,7 @@ SHARED_INPUTS = {
     "cold_start_items",
     "cold_start_weights",
 }
+GRAPHS = ["onnx_model", "onnx_request_model"]  # batch graph, request graph
 HELD_OUT = ["test_samples", "events", "feature_spec", "params:export"]
 
 
@@ -36,14 +37,20 @@ def create_model_pipeline() -> Pipeline:
             ),
             Node(export_onnx, "serving_model", "onnx_model", name="export_onnx"),
             Node(
+                export_request_onnx,
+                "serving_model",
+                "onnx_request_model",
+                name="export_request_onnx",
+            ),
+            Node(
                 check_parity,
-                ["onnx_model", "serving_model", *HELD_OUT],
+                [*GRAPHS, "serving_model", *HELD_OUT],
                 "parity",
                 name="check_parity",
             ),
             Node(
                 measure_latency,
-                ["onnx_model", "serving_model", *HELD_OUT],
+                [*GRAPHS, "serving_model", *HELD_OUT],
                 "latency",
                 name="measure_latency",
             ),
@@ -61,13 +68,13 @@ def create_model_pipeline() -> Pipeline:
             ),
             Node(
                 describe_serving,
-                ["onnx_model", "serving_model", "feature_spec", "parity"],
+                [*GRAPHS, "serving_model", "feature_spec", "parity"],
                 "serving_metadata",
                 name="describe_serving",
             ),
             Node(
                 build_export_report,
-                ["onnx_model", "parity", "latency"],
+                [*GRAPHS, "parity", "latency"],
                 "export_report",
                 name="build_export_report",
             ),
