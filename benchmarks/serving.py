@@ -9,9 +9,11 @@ them) over --items items and --categories categories, given its category cold-st
 exported exactly as the export pipeline does (`add_cold_start_rows`, `export_onnx`).
 
 - latency: one user's request, 100 candidates sharing a 50-behaviour history, p50 and p99
-  over --repeats requests (eager torch on the tensors; onnxruntime on the arrays; `Scorer`:
-  raw ids in, probabilities out, cache off, i.e. encoding included);
-- throughput: batches of 128 samples, each with its own full 50-behaviour history.
+  over --repeats requests: eager torch (the history tiled to a [100, 50] batch), the batch
+  graph on that same batch, the request graph (history [1, 50], `export_request_onnx`) and
+  `Scorer` (raw ids in, probabilities out, cache off: encoding included, request graph);
+- throughput: batches of 128 samples, each with its own full 50-behaviour history (eager torch
+  vs the batch graph).
 
 torch runs eagerly in inference mode with `torch.set_num_threads(--threads)`; onnxruntime with
 the project's session (`onnx_session`: --threads intra-op threads, no spinning). Torch and
@@ -51,7 +53,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from attention_ctr.models import build_model, random_batch
-    from attention_ctr.onnx_export import export_onnx, onnx_feed, onnx_session
+    from attention_ctr.onnx_export import (
+        export_onnx,
+        export_request_onnx,
+        onnx_feed,
+        onnx_session,
+    )
     from attention_ctr.pipelines.export.nodes import (
         add_cold_start_rows,
         build_serving_tables,
@@ -73,12 +80,15 @@ def main() -> int:
         f"\ntorch {torch.__version__}, {args.threads} threads; {args.candidates} candidates x "
         f"{HISTORY} history (ms), batches of {args.batch_size} (samples/s); {args.repeats} requests"
     )
-    header = (
-        f"{'model':8s} {'torch p50':>9s} {'p99':>6s} {'onnx p50':>9s} {'p99':>6s} "
-        f"{'scorer p50':>10s} {'p99':>6s} {'speedup':>7s} {'torch/s':>9s} {'onnx/s':>9s} "
-        f"{'speedup':>7s} {'max|dp|':>8s}"
+    print(
+        f"{'':8s} {'---------------- latency p50 / p99 (ms) ----------------':>56s} "
+        f"{'speedup':>9s} {'----- samples/s at batch -----':>30s}"
     )
-    print(header)
+    print(
+        f"{'model':8s} {'torch':>13s} {'batch graph':>13s} {'request graph':>13s} "
+        f"{'Scorer':>13s} {'req/torch':>9s} {'torch':>9s} {'batch graph':>11s} {'speedup':>8s} "
+        f"{'max|dp|':>8s}"
+    )
     for name in args.models:
         torch.manual_seed(0)
         sizes = {key: spec[key] for key in ("n_items", "n_categories", "n_behaviors")}
@@ -87,6 +97,8 @@ def main() -> int:
         model = add_cold_start_rows(model.eval(), tables["item_ids"], tables["weights"])
         graph = export_onnx(model)
         session = onnx_session(graph, args.threads)
+        request_graph = export_request_onnx(model)
+        request_session = onnx_session(request_graph, args.threads)
         items, categories = build_serving_tables(
             tables["item_ids"],
             tables["category_ids"],
@@ -94,8 +106,12 @@ def main() -> int:
             tables["cold"],
             tables["weights"],
         )
-        metadata = describe_serving(graph, model, spec, {"max_abs_diff": float("nan")})
-        scorer = Scorer(graph, metadata, items, categories, threads=args.threads, cache_size=0)
+        metadata = describe_serving(
+            graph, request_graph, model, spec, {"max_abs_diff": float("nan")}
+        )
+        scorer = Scorer(
+            request_graph, metadata, items, categories, threads=args.threads, cache_size=0
+        )
 
         # one user's request: a full history shared by every candidate
         user = random_batch(2, HISTORY, **model.config, seed=1)
@@ -112,13 +128,16 @@ def main() -> int:
             throughput[key] = throughput[key].clamp_min(1)
 
         request_feed = onnx_feed(session, request)
+        one_history = {k: v[:1] if v.dim() == 2 else v for k, v in request.items()}
+        user_feed = onnx_feed(request_session, one_history)
         batch_feed = onnx_feed(session, throughput)
         with torch.inference_mode():
             expected = torch.sigmoid(model(request)).numpy()
-            torch_ms, onnx_ms, scorer_ms = _alternate(
+            latency = _alternate(
                 [
                     partial(model, request),
                     partial(session.run, None, request_feed),
+                    partial(request_session.run, None, user_feed),
                     partial(scorer.score, **raw),
                 ],
                 args.repeats,
@@ -130,12 +149,13 @@ def main() -> int:
         difference = np.abs(scorer.score(**raw) - expected).max()
         rate_torch = args.batch_size / np.median(torch_batch) * 1e3
         rate_onnx = args.batch_size / np.median(onnx_batch) * 1e3
-        p50 = [np.percentile(times, 50) for times in (torch_ms, onnx_ms, scorer_ms)]
-        p99 = [np.percentile(times, 99) for times in (torch_ms, onnx_ms, scorer_ms)]
+        p50 = [np.percentile(times, 50) for times in latency]
+        cells = " ".join(
+            f"{np.percentile(times, 50):6.2f}/{np.percentile(times, 99):6.2f}" for times in latency
+        )
         print(
-            f"{name:8s} {p50[0]:9.2f} {p99[0]:6.2f} {p50[1]:9.2f} {p99[1]:6.2f} "
-            f"{p50[2]:10.2f} {p99[2]:6.2f} {p50[0] / p50[1]:6.1f}x {rate_torch:9,.0f} "
-            f"{rate_onnx:9,.0f} {rate_onnx / rate_torch:6.1f}x {difference:8.1e}"
+            f"{name:8s} {cells} {p50[0] / p50[2]:8.1f}x {rate_torch:9,.0f} {rate_onnx:11,.0f} "
+            f"{rate_onnx / rate_torch:7.1f}x {difference:8.1e}"
         )
     return 0
 

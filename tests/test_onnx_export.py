@@ -29,6 +29,7 @@ VARIANTS = [
     ("dien", {"aux_hidden": [8, 4]}),
     ("dien", {"use_behavior": True, "hidden_size": 12}),
     ("bst", {"n_heads": 2}),
+    ("bst", {"n_heads": 2, "n_layers": 2, "feedforward_dim": 12}),
     ("bst", {"n_heads": 2, "position": "index", "output": "mean", "use_behavior": True}),
 ]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
+from copy import deepcopy
 
 import numpy as np
 import onnx
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention_ctr.models import random_batch
+from attention_ctr.models.bst import _padding_bias
 from attention_ctr.models.layers import masked_mean, masked_softmax, pad_positions
 
 # Inputs of every exported graph, in order; the output is "logits" [batch].
@@ -59,7 +61,7 @@ def export_inputs(model: nn.Module) -> tuple[str, ...]:
 
 def export_onnx(model: nn.Module) -> bytes:
     """The model as a serialised, checked ONNX graph with dynamic batch and history axes."""
-    model = model.eval().cpu()
+    model = _for_export(model)
     names = export_inputs(model)
     example = random_batch(2, model.max_history, **model.config, seed=0)
     axes = {name: {0: "batch", 1: "history"} for name in names if example[name].dim() == 2}
@@ -69,7 +71,7 @@ def export_onnx(model: nn.Module) -> bytes:
 
 def export_request_onnx(model: nn.Module) -> bytes:
     """The request graph: history inputs `[1, L]` (one user), targets `[K]` (candidates)."""
-    model = model.eval().cpu()
+    model = _for_export(model)
     names = export_inputs(model)
     example = random_batch(3, model.max_history, **model.config, seed=0)  # row 0: full history
     example = {key: value[:1] if value.dim() == 2 else value for key, value in example.items()}
@@ -156,6 +158,55 @@ class _DINRequest(_ExpandedRequest):
         return model.mlp(torch.cat(features, dim=-1)).squeeze(-1).float()
 
 
+def _augru_final_state(
+    evolution: nn.Module, states: torch.Tensor, weights: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """The AUGRU's final state `[K, H]` from the extractor states, one history's `[M, H]`
+    (shared by the K candidates) or `[K, M, H]`, and the attention `[K, M]`, exactly as
+    `AUGRUCell.step` computes it but in fewer ONNX ops per step.
+
+    The loop is traced unrolled (M = `steps` = max_history). The input projections of all
+    steps are one matmul with the hidden biases of r and u folded in, and ONE Split cuts them
+    into the per-step slices, so a step is two Gemms and nine elementwise ops:
+    r, u = sigmoid(W_ru h + p_ru), h~ = tanh(p_n + r (W_n h + b_n)), h += a u (h~ - h).
+    """
+    size = evolution.hidden_size
+    w_ru, w_n = evolution.weight_hh[: 2 * size].t(), evolution.weight_hh[2 * size :].t()
+    b_n = evolution.bias_hh[2 * size :]
+    folded = torch.cat([evolution.bias_hh[: 2 * size], torch.zeros_like(b_n)])
+    projected = evolution.input_projection(states) + folded  # [..., M, 3H]
+    slices = projected.reshape(-1, steps * 3 * size).split([2 * size, size] * steps, dim=1)
+    h = weights.new_zeros(weights.shape[0], size)
+    for t, a_t in enumerate(weights.split(1, dim=1)):
+        p_ru, p_n = slices[2 * t], slices[2 * t + 1]  # [1 or K, 2H], [1 or K, H]
+        r, u = torch.sigmoid(torch.addmm(p_ru, h, w_ru)).split(size, dim=1)
+        candidate = torch.tanh(p_n + r * torch.addmm(b_n, h, w_n))
+        h = h + (a_t * u) * (candidate - h)
+    return h
+
+
+class _ExportAUGRU(nn.Module):
+    """Stands in for DIEN's `AUGRUCell` in the copy that is exported (same parameters): its
+    `sequence` is `_augru_final_state`, about 40 % fewer ONNX ops than the cell's steps."""
+
+    def __init__(self, cell: nn.Module, steps: int):
+        super().__init__()
+        self.cell = cell
+        self.steps = steps
+
+    def sequence(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return _augru_final_state(self.cell, x, attention, self.steps)
+
+
+def _for_export(model: nn.Module) -> nn.Module:
+    """An eval-mode CPU copy of the model with export-only stand-ins (same math, leaner
+    graph); the model itself is left untouched."""
+    copy = deepcopy(model).eval().cpu()
+    if copy.name == "dien":
+        copy.evolution = _ExportAUGRU(copy.evolution, copy.max_history)
+    return copy
+
+
 class _DIENRequest(_ExpandedRequest):
     """DIEN: the interest extractor GRU and the AUGRU's input projection run once per request;
     attention and the AUGRU recurrence per candidate."""
@@ -168,20 +219,65 @@ class _DIENRequest(_ExpandedRequest):
         query = F.linear(target, model.attention_weight)  # W e_target: [K, H]
         weights = masked_softmax(query @ states[0].t(), mask.expand(candidates, -1))  # [K, L]
         # The loop is traced unrolled: pad to max_history (a_t = 0 keeps the state), as DIEN does.
-        states = pad_positions(states, model.max_history)
-        weights = pad_positions(weights.unsqueeze(-1), model.max_history)  # [K, M, 1]
-        evolution = model.evolution
-        projected = evolution.input_projection(states)[0]  # [M, 3H], once per request
-        h = target.new_zeros(candidates, evolution.hidden_size)
-        for projected_t, a_t in zip(projected.unbind(0), weights.unbind(1)):
-            h = evolution.step(projected_t.unsqueeze(0), h, a_t)
+        states = pad_positions(states, model.max_history)[0]  # [M, H]
+        weights = pad_positions(weights.unsqueeze(-1), model.max_history).squeeze(-1)  # [K, M]
+        final = model.evolution.sequence(states, weights)
         pooled = masked_mean(history, mask).expand(candidates, -1)
-        return model.mlp(torch.cat([h, target, pooled], dim=-1)).squeeze(-1).float()
+        return model.mlp(torch.cat([final, target, pooled], dim=-1)).squeeze(-1).float()
+
+
+class _BSTRequest(_ExpandedRequest):
+    """BST: the history tokens and their query/key/value projections of the first
+    Transformer layer are computed once per request; the rest of the encoder and the MLP per
+    candidate (every token attends to the candidate's target token)."""
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        model = self.model
+        candidates = batch["target_item"].shape[0]
+        first = {
+            **batch,
+            "target_item": batch["target_item"][:1],
+            "target_category": batch["target_category"][:1],
+        }
+        tokens, keep = model.tokens(first)  # [1, S, d], [1, S]: the history tokens, then one target
+        history, keep = tokens[:, :-1], keep.expand(candidates, -1)
+        target = torch.cat(
+            [
+                model.embedding.items(batch["target_item"], batch["target_category"]),
+                model.position_embedding(
+                    torch.full_like(batch["target_item"], model.target_position)
+                ),
+            ],
+            dim=-1,
+        ).unsqueeze(1)  # [K, 1, d]
+        layer = model.layers[0]
+        qkv = torch.cat([layer.qkv(history).expand(candidates, -1, -1), layer.qkv(target)], dim=1)
+        x = torch.cat([history.expand(candidates, -1, -1), target], dim=1)  # [K, S, d]
+        x = _transformer_block(layer, x, qkv, keep)
+        for layer in model.layers[1:]:
+            x = layer(x, keep)
+        x = x.masked_fill(~keep.unsqueeze(-1), 0.0)  # padded positions contribute nothing
+        if model.output == "concat":
+            features = x.flatten(1)
+        else:
+            features = x.sum(1) / keep.sum(1, keepdim=True).to(x.dtype)
+        return model.mlp(features).squeeze(-1).float()
+
+
+def _transformer_block(layer: nn.Module, x: torch.Tensor, qkv: torch.Tensor, keep: torch.Tensor):
+    """`TransformerBlock.forward` in eval mode, from precomputed projections `qkv` [B, S, 3d]."""
+    batch, length, d_model = x.shape
+    heads = qkv.view(batch, length, 3, layer.n_heads, d_model // layer.n_heads)
+    q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=_padding_bias(keep, q.dtype))
+    x = layer.norm1(x + layer.out(attended.transpose(1, 2).reshape(x.shape)))
+    return layer.norm2(x + layer.feedforward2(F.leaky_relu(layer.feedforward1(x))))
 
 
 REQUEST_MODULES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "din": _DINRequest,
     "dien": _DIENRequest,
+    "bst": _BSTRequest,
 }
 
 
