@@ -1,19 +1,21 @@
 """ONNX export of the CTR models and onnxruntime sessions for them (plain torch/onnx, no Kedro).
 
 The TorchScript exporter (`dynamo=False`) is used on purpose: the dynamo exporter mis-exports
-recurrent loops (see MISSION.md). The graph is traced at batch 2 with the full `max_history`,
-never at size 1 (a size-1 trace can bake a broadcast into the graph), and both the batch and the
-history axes are dynamic, so the exported model takes any B >= 1 and 1 <= L <= max_history.
+recurrent loops (see MISSION.md). Two graphs per model, same input and output names:
 
-Two graphs per model, same inputs and output names:
+- the batch graph (`export_onnx`): the model's `forward`, B samples with B histories, traced
+  at batch 2 with the full `max_history` (never at size 1: a size-1 trace can bake a broadcast
+  into the graph); batch and history axes are dynamic: any B >= 1, 1 <= L <= max_history;
+- the request graph (`export_request_onnx`): ONE user's history `[1, L]` (its first axis is 1
+  by design) against K candidates `[K]` (dynamic, traced at 3), what a server does per
+  request. What depends on the history alone runs once per request instead of once per
+  candidate: the history's embeddings, DIN's history term of the activation unit's first
+  layer, DIEN's interest-extractor GRU and AUGRU input projections, BST's history tokens and
+  their first-layer query/key/value. Other models expand the history and run `forward`.
 
-- the batch graph (`export_onnx`): the model's own `forward`, B samples with B histories;
-- the request graph (`export_request_onnx`): ONE user's history `[1, L]` scored against K
-  candidates `[K]`, what a server does per request. Work that depends on the history alone runs
-  once per request instead of once per candidate: DIN's history term of the activation unit's
-  first layer, DIEN's interest-extractor GRU and the AUGRU's input projection, the embedding
-  lookups of the history. Models without such a split expand the history and run `forward`.
-  The same parity gate checks both graphs against eager `forward` on the tiled batch.
+Both are exported from a copy of the model with export-only stand-ins of the same math
+(`_for_export`: DIEN's AUGRU loop in fewer ONNX ops); the models' files are untouched. The
+export pipeline's parity gate checks both graphs against eager `forward`.
 """
 
 from __future__ import annotations
@@ -101,6 +103,56 @@ def _export(module: nn.Module, example: dict, names: tuple[str, ...], axes: dict
     return graph
 
 
+# -- export-only stand-ins: the same math in a leaner graph ----------------------------------
+def _augru_final_state(
+    evolution: nn.Module, states: torch.Tensor, weights: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """The AUGRU's final state `[K, H]` from the extractor states, one history's `[M, H]`
+    (shared by the K candidates) or `[K, M, H]`, and the attention `[K, M]`, exactly as
+    `AUGRUCell.step` computes it but in fewer ONNX ops per step.
+
+    The loop is traced unrolled (M = `steps` = max_history). The input projections of all
+    steps are one matmul with the hidden biases of r and u folded in, and ONE Split cuts them
+    into the per-step slices, so a step is two Gemms and nine elementwise ops:
+    r, u = sigmoid(W_ru h + p_ru), h~ = tanh(p_n + r (W_n h + b_n)), h += a u (h~ - h).
+    """
+    size = evolution.hidden_size
+    w_ru, w_n = evolution.weight_hh[: 2 * size].t(), evolution.weight_hh[2 * size :].t()
+    b_n = evolution.bias_hh[2 * size :]
+    folded = torch.cat([evolution.bias_hh[: 2 * size], torch.zeros_like(b_n)])
+    projected = evolution.input_projection(states) + folded  # [..., M, 3H]
+    slices = projected.reshape(-1, steps * 3 * size).split([2 * size, size] * steps, dim=1)
+    h = weights.new_zeros(weights.shape[0], size)
+    for t, a_t in enumerate(weights.split(1, dim=1)):
+        p_ru, p_n = slices[2 * t], slices[2 * t + 1]  # [1 or K, 2H], [1 or K, H]
+        r, u = torch.sigmoid(torch.addmm(p_ru, h, w_ru)).split(size, dim=1)
+        candidate = torch.tanh(p_n + r * torch.addmm(b_n, h, w_n))
+        h = h + (a_t * u) * (candidate - h)
+    return h
+
+
+class _ExportAUGRU(nn.Module):
+    """Stands in for DIEN's `AUGRUCell` in the copy that is exported (same parameters): its
+    `sequence` is `_augru_final_state`, about a third fewer ONNX ops than the cell's steps."""
+
+    def __init__(self, cell: nn.Module, steps: int):
+        super().__init__()
+        self.cell = cell
+        self.steps = steps
+
+    def sequence(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return _augru_final_state(self.cell, x, attention, self.steps)
+
+
+def _for_export(model: nn.Module) -> nn.Module:
+    """An eval-mode CPU copy of the model with export-only stand-ins (same math, leaner
+    graph); the model itself is left untouched."""
+    copy = deepcopy(model).eval().cpu()
+    if copy.name == "dien":
+        copy.evolution = _ExportAUGRU(copy.evolution, copy.max_history)
+    return copy
+
+
 # -- request graphs: one history [1, L], K candidates [K] -------------------------------------
 def _request_vectors(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Target vectors `[K, E]` and the one history `[1, L, E]` (padding read as id 0)."""
@@ -156,55 +208,6 @@ class _DINRequest(_ExpandedRequest):
         if model.use_pooled_history:
             features.append(masked_mean(history, batch["mask"]).expand(target.shape[0], -1))
         return model.mlp(torch.cat(features, dim=-1)).squeeze(-1).float()
-
-
-def _augru_final_state(
-    evolution: nn.Module, states: torch.Tensor, weights: torch.Tensor, steps: int
-) -> torch.Tensor:
-    """The AUGRU's final state `[K, H]` from the extractor states, one history's `[M, H]`
-    (shared by the K candidates) or `[K, M, H]`, and the attention `[K, M]`, exactly as
-    `AUGRUCell.step` computes it but in fewer ONNX ops per step.
-
-    The loop is traced unrolled (M = `steps` = max_history). The input projections of all
-    steps are one matmul with the hidden biases of r and u folded in, and ONE Split cuts them
-    into the per-step slices, so a step is two Gemms and nine elementwise ops:
-    r, u = sigmoid(W_ru h + p_ru), h~ = tanh(p_n + r (W_n h + b_n)), h += a u (h~ - h).
-    """
-    size = evolution.hidden_size
-    w_ru, w_n = evolution.weight_hh[: 2 * size].t(), evolution.weight_hh[2 * size :].t()
-    b_n = evolution.bias_hh[2 * size :]
-    folded = torch.cat([evolution.bias_hh[: 2 * size], torch.zeros_like(b_n)])
-    projected = evolution.input_projection(states) + folded  # [..., M, 3H]
-    slices = projected.reshape(-1, steps * 3 * size).split([2 * size, size] * steps, dim=1)
-    h = weights.new_zeros(weights.shape[0], size)
-    for t, a_t in enumerate(weights.split(1, dim=1)):
-        p_ru, p_n = slices[2 * t], slices[2 * t + 1]  # [1 or K, 2H], [1 or K, H]
-        r, u = torch.sigmoid(torch.addmm(p_ru, h, w_ru)).split(size, dim=1)
-        candidate = torch.tanh(p_n + r * torch.addmm(b_n, h, w_n))
-        h = h + (a_t * u) * (candidate - h)
-    return h
-
-
-class _ExportAUGRU(nn.Module):
-    """Stands in for DIEN's `AUGRUCell` in the copy that is exported (same parameters): its
-    `sequence` is `_augru_final_state`, about 40 % fewer ONNX ops than the cell's steps."""
-
-    def __init__(self, cell: nn.Module, steps: int):
-        super().__init__()
-        self.cell = cell
-        self.steps = steps
-
-    def sequence(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        return _augru_final_state(self.cell, x, attention, self.steps)
-
-
-def _for_export(model: nn.Module) -> nn.Module:
-    """An eval-mode CPU copy of the model with export-only stand-ins (same math, leaner
-    graph); the model itself is left untouched."""
-    copy = deepcopy(model).eval().cpu()
-    if copy.name == "dien":
-        copy.evolution = _ExportAUGRU(copy.evolution, copy.max_history)
-    return copy
 
 
 class _DIENRequest(_ExpandedRequest):

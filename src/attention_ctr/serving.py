@@ -374,7 +374,8 @@ class Scorer:
 
         `history_items` (raw ids, oldest first unless `history_timestamps` orders them) with
         optional `history_categories` (raw; needed only for items the model never saw),
-        `history_timestamps` (integer seconds; with `now`, required by time-gap models) and
+        `history_timestamps` (integer seconds; with `now`, the request time, by default the
+        wall clock; required by time-gap models) and
         `history_behaviors` (names such as "pv", for models trained with behaviour types).
         `candidate_categories` (raw) lets unknown candidates use their category's cold-start
         vector.
@@ -407,7 +408,7 @@ class Scorer:
                 for start in range(0, len(request.target_item), self.max_batch)
             ]
         )
-        probabilities = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        probabilities = torch.sigmoid(torch.from_numpy(logits)).numpy()
         if key is not None:
             with self._lock:
                 self._cache[key] = probabilities
