@@ -49,6 +49,7 @@ from attention_ctr.onnx_export import onnx_session
 from attention_ctr.sequences import time_gap_bucket
 
 KNOWN, COLD_START, UNKNOWN = "known", "cold_start_category", "unknown"
+SOURCES = np.array([KNOWN, COLD_START, UNKNOWN])  # Request.source holds indices into this
 
 
 class _IdIndex:
@@ -99,7 +100,7 @@ class Request:
     hist_behavior: np.ndarray
     target_item: np.ndarray
     target_category: np.ndarray
-    source: np.ndarray  # per candidate: KNOWN, COLD_START or UNKNOWN
+    source: np.ndarray  # per candidate: 0 known, 1 cold start (category), 2 unknown (SOURCES)
 
     def key(self) -> tuple:
         arrays = (self.hist_item, self.hist_category, self.time_gap, self.hist_behavior)
@@ -247,7 +248,7 @@ class Scorer:
     def _rows(
         self, items: object, categories: object | None, argument: str
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Item-table rows, encoded categories and sources (KNOWN/COLD_START/UNKNOWN)."""
+        """Item-table rows, encoded categories and sources (indices into SOURCES)."""
         item = self._items.encode(items, argument)
         category = self._item_category[item]
         known = item > 0
@@ -258,7 +259,7 @@ class Scorer:
         cold = ~known & (given > 0)
         item = np.where(cold, self.n_items + given, item)
         category = np.where(cold, given, category)
-        source = np.where(known, KNOWN, np.where(cold, COLD_START, UNKNOWN))
+        source = np.where(known, 0, np.where(cold, 1, 2))
         return item, category, source
 
     def resolve(self, candidate_items: object, candidate_categories: object = None) -> pd.DataFrame:
@@ -272,7 +273,7 @@ class Scorer:
         )
         return pd.DataFrame(
             {"raw_id": np.asarray(candidate_items)[:size], "item": item, "category": category}
-        ).assign(source=source)
+        ).assign(source=SOURCES[source])
 
     def encode(
         self,
@@ -312,7 +313,7 @@ class Scorer:
             raise ValueError(f"{self.model} uses behaviour types: pass history_behaviors")
 
         item, category, source = self._rows(history_items, history_categories, "history_items")
-        keep = source != UNKNOWN  # a behaviour with no known item or category tells nothing
+        keep = source != 2  # a behaviour with no known item or category tells nothing
         gap = np.zeros(len(item), dtype=np.int64)
         behavior = np.zeros(len(item), dtype=np.int64)
         if history_timestamps is not None:
