@@ -258,6 +258,28 @@ def fit(
 
 
 @torch.no_grad()
+def category_average(
+    table: torch.Tensor, weights: pd.DataFrame, n_categories: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each category's frequency-weighted average of its warm items' rows of `table` [N, D].
+
+    `weights` is feature engineering's `cold_start_weights` (category, item, weight). Returns
+    the averages `[n_categories + 1, D]` (row c for category c; zero where a category has no
+    warm items) and which categories have warm items `[n_categories + 1]` (bool).
+    """
+    average = torch.zeros(n_categories + 1, table.shape[1], dtype=table.dtype)
+    category = torch.as_tensor(weights["category"].to_numpy(np.int64))
+    contribution = (
+        table[torch.as_tensor(weights["item"].to_numpy(np.int64))]
+        * torch.as_tensor(weights["weight"].to_numpy(np.float32), dtype=table.dtype)[:, None]
+    )
+    average.index_add_(0, category, contribution)
+    has_warm = torch.zeros(n_categories + 1, dtype=torch.bool)
+    has_warm[category] = True
+    return average, has_warm
+
+
+@torch.no_grad()
 def apply_category_average(
     model: nn.Module, cold_items: pd.DataFrame, weights: pd.DataFrame
 ) -> int:
@@ -273,16 +295,7 @@ def apply_category_average(
             cold_items["category"].to_numpy().max(initial=0),
         )
     )
-    average = torch.zeros(n_categories + 1, table.shape[1], dtype=table.dtype)
-    category = torch.as_tensor(weights["category"].to_numpy(np.int64))
-    contribution = (
-        table[torch.as_tensor(weights["item"].to_numpy(np.int64))]
-        * torch.as_tensor(weights["weight"].to_numpy(np.float32), dtype=table.dtype)[:, None]
-    )
-    average.index_add_(0, category, contribution)
-    has_warm = torch.zeros(n_categories + 1, dtype=torch.bool)
-    has_warm[category] = True
-
+    average, has_warm = category_average(table, weights, n_categories)
     cold_category = torch.as_tensor(cold_items["category"].to_numpy(np.int64))
     replace = has_warm[cold_category]
     cold_item = torch.as_tensor(cold_items["item"].to_numpy(np.int64))[replace]
