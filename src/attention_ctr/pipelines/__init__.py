@@ -1,0 +1,34 @@
+"""The project's pipelines, and how the per-model ones are laid out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kedro.pipeline import Pipeline
+
+from attention_ctr.models import MODELS
+
+
+def one_branch_per_model(
+    template: Pipeline,
+    *,
+    shared_inputs: Iterable[str],
+    parameters: Iterable[str],
+    flat_outputs: Iterable[str] = (),
+) -> Pipeline:
+    """`template` once per model in `MODELS`, namespaced by the model's name.
+
+    `shared_inputs` and `parameters` stay un-namespaced (one dataset for every branch);
+    each of `flat_outputs` leaves branch `din` as `din_<output>` for cross-model nodes.
+    """
+    flat_outputs = tuple(flat_outputs)
+    return sum(
+        Pipeline(
+            template,
+            namespace=name,
+            inputs=set(shared_inputs),
+            outputs={output: f"{name}_{output}" for output in flat_outputs} or None,
+            parameters=set(parameters),
+        )
+        for name in MODELS
+    )

@@ -1,6 +1,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from attention_ctr.models import MODELS
+from attention_ctr.pipelines import one_branch_per_model
 from attention_ctr.pipelines.evaluation.nodes import (
     collect_explanations,
     compare_models,
@@ -110,16 +111,11 @@ def per_model(dataset: str) -> dict[str, str]:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    template = create_model_pipeline()
-    models = sum(
-        Pipeline(
-            template,
-            namespace=name,
-            inputs=SHARED_INPUTS,
-            outputs={output: f"{name}_{output}" for output in CROSS_MODEL_OUTPUTS},
-            parameters={PARAMS, f"{PARAMS}.latency", f"{PARAMS}.explanations"},
-        )
-        for name in MODELS
+    models = one_branch_per_model(
+        create_model_pipeline(),
+        shared_inputs=SHARED_INPUTS,
+        parameters={PARAMS, f"{PARAMS}.latency", f"{PARAMS}.explanations"},
+        flat_outputs=CROSS_MODEL_OUTPUTS,
     )
     reports = Pipeline(
         [

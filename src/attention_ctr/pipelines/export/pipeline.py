@@ -1,7 +1,7 @@
 from kedro.pipeline import Node, Pipeline
 
-from attention_ctr.models import MODELS
 from attention_ctr.onnx_export import export_onnx, export_request_onnx
+from attention_ctr.pipelines import one_branch_per_model
 from attention_ctr.pipelines.export.nodes import (
     add_cold_start_rows,
     build_export_report,
@@ -83,13 +83,6 @@ def create_model_pipeline() -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    template = create_model_pipeline()
-    return sum(
-        Pipeline(
-            template,
-            namespace=name,
-            inputs=SHARED_INPUTS,
-            parameters={"params:export": "params:export"},
-        )
-        for name in MODELS
+    return one_branch_per_model(
+        create_model_pipeline(), shared_inputs=SHARED_INPUTS, parameters={"params:export"}
     )

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from attention_ctr.models import MODELS
+from attention_ctr.pipelines import one_branch_per_model
 from attention_ctr.pipelines.training.nodes import apply_cold_start, fit_model, initialise_model
 
 SHARED_INPUTS = {
@@ -50,13 +50,6 @@ def create_model_pipeline() -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    template = create_model_pipeline()
-    return sum(
-        Pipeline(
-            template,
-            namespace=name,
-            inputs=SHARED_INPUTS,
-            parameters={"params:training": "params:training"},
-        )
-        for name in MODELS
+    return one_branch_per_model(
+        create_model_pipeline(), shared_inputs=SHARED_INPUTS, parameters={"params:training"}
     )
