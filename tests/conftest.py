@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from attention_ctr.sandbox import make_project_copy, run_pipeline  # noqa: F401
+from attention_ctr.models import MODELS
+from attention_ctr.sandbox import make_project_copy, run_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -35,3 +37,39 @@ def shared_data() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SHARED_DATA
+
+
+# One small ingestion -> feature engineering -> training -> export run (tiny models: these tests
+# are about export and serving, not quality), shared by the export and serving tests.
+EXPORT_RUN = {
+    **SMALL_SYNTHETIC,
+    "feature_engineering.max_history": 12,
+    "training.epochs": 1,
+    "training.batch_size": 1024,
+    "training.progress_bar": False,
+    **{f"{name}.model.options.embedding_dim": 8 for name in MODELS},
+    **{f"{name}.model.options.mlp_hidden": [16, 8] for name in MODELS},
+    "din.model.options.attention_hidden": [16, 8],
+    "bst.model.options.n_heads": 2,
+    "export.parity.batch_sizes": [1, 7, 64],
+    "export.latency.samples": 200,
+    "export.latency.repeats": 1,
+    "export.threads": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory) -> tuple[Path, object]:
+    """(project path, catalog) of the shared export run."""
+    project = make_project_copy(tmp_path_factory.mktemp("export") / "project", source=PROJECT_ROOT)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives
+    try:
+        catalog = run_pipeline(
+            project,
+            params=EXPORT_RUN,
+            pipelines=["ingestion", "feature_engineering", "training", "export"],
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return project, catalog

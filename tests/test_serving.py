@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from exported_project import exported_project
 
 from attention_ctr.models import MODELS
 from attention_ctr.sequences import SampleTensors
@@ -13,8 +12,8 @@ from attention_ctr.serving import COLD_START, KNOWN, UNKNOWN, Scorer
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    project, catalog = exported_project(tmp_path_factory)
+def served(exported_run):
+    project, catalog = exported_run
     data = {
         name: catalog.load(name)
         for name in (

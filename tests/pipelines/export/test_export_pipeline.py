@@ -9,7 +9,7 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from exported_project import EXPORT_RUN, exported_project
+from conftest import EXPORT_RUN
 from kedro.io.core import generate_timestamp
 from onnx import numpy_helper
 
@@ -21,19 +21,14 @@ from attention_ctr.sequences import SampleTensors
 from attention_ctr.serving import Scorer
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return exported_project(tmp_path_factory)
-
-
 def _versions(project, name: str) -> list[str]:
     folder = project / "data" / "06_models" / name / "serving" / "model.onnx"
     return sorted(path.name for path in folder.iterdir())
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_exports_a_versioned_graph_that_matches_the_trained_model(exported, name):
-    project, catalog = exported
+def test_every_model_exports_a_versioned_graph_that_matches_the_trained_model(exported_run, name):
+    project, catalog = exported_run
     (version,) = _versions(project, name)
     folder = project / "data" / "06_models" / name / "serving"
     parts = ("model.onnx", "request_model.onnx", "metadata.json", "items.parquet")
@@ -51,7 +46,7 @@ def test_every_model_exports_a_versioned_graph_that_matches_the_trained_model(ex
         assert report["latency"][f"onnxruntime_{graph}_ms_per_1000"] > 0
         assert report["latency"][f"torch_{graph}_ms_per_1000"] > 0
 
-    # Independently of the gate: the exported graph against the trained model, whole test split.
+    # Independently of the gate: the exported_run graph against the trained model, whole test split.
     session = onnx_session(catalog.load(f"{name}.onnx_model"))
     model = catalog.load(f"{name}.model")
     test = SampleTensors(
@@ -64,8 +59,8 @@ def test_every_model_exports_a_versioned_graph_that_matches_the_trained_model(ex
             assert (torch.sigmoid(torch.from_numpy(logits)) - expected).abs().max() <= 1e-5
 
 
-def test_graph_item_table_holds_each_categorys_cold_start_vector(exported):
-    _, catalog = exported
+def test_graph_item_table_holds_each_categorys_cold_start_vector(exported_run):
+    _, catalog = exported_run
     model = catalog.load("din.model")
     n_items, n_categories = model.config["n_items"], model.config["n_categories"]
     graph = onnx.load_from_string(catalog.load("din.onnx_model"))
@@ -85,8 +80,8 @@ def test_graph_item_table_holds_each_categorys_cold_start_vector(exported):
     )
 
 
-def test_a_perturbed_graph_fails_the_parity_gate_naming_model_shape_and_difference(exported):
-    project, catalog = exported
+def test_a_perturbed_graph_fails_the_parity_gate_naming_model_shape_and_difference(exported_run):
+    project, catalog = exported_run
     graph = onnx.load_from_string(catalog.load("din.onnx_model"))
     (bias,) = [t for t in graph.graph.initializer if t.name.endswith("mlp.output.bias")]
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 0.5, bias.name))
@@ -107,8 +102,8 @@ def test_a_perturbed_graph_fails_the_parity_gate_naming_model_shape_and_differen
         shutil.rmtree(folder)
 
 
-def test_a_second_export_adds_a_version_and_the_first_still_loads(exported):
-    project, _ = exported
+def test_a_second_export_adds_a_version_and_the_first_still_loads(exported_run):
+    project, _ = exported_run
     (first,) = _versions(project, "din")
     catalog = run_pipeline(project, "export", EXPORT_RUN, namespaces=["din"])
     versions = _versions(project, "din")
