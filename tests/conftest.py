@@ -39,8 +39,8 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-# One small ingestion -> feature engineering -> training -> export run (tiny models: these tests
-# are about export and serving, not quality), shared by the export and serving tests.
+# One small run of every pipeline (tiny models: these tests are about export, serving and the
+# notebook, not quality), shared by the export, serving and notebook tests.
 EXPORT_RUN = {
     **SMALL_SYNTHETIC,
     "feature_engineering.max_history": 12,
@@ -60,7 +60,7 @@ EXPORT_RUN = {
 
 @pytest.fixture(scope="session")
 def exported_run(tmp_path_factory) -> tuple[Path, object]:
-    """(project path, catalog) of the shared export run."""
+    """(project path, catalog) of the shared run of every pipeline."""
     project = make_project_copy(tmp_path_factory.mktemp("export") / "project", source=PROJECT_ROOT)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives
@@ -68,7 +68,7 @@ def exported_run(tmp_path_factory) -> tuple[Path, object]:
         catalog = run_pipeline(
             project,
             params=EXPORT_RUN,
-            pipelines=["ingestion", "feature_engineering", "training", "export"],
+            pipelines=["ingestion", "feature_engineering", "training", "evaluation", "export"],
         )
     finally:
         torch.set_num_threads(threads)

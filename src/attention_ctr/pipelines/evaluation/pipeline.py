@@ -125,23 +125,25 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["model_comparison", "model_comparison_table"],
                 name="compare_models",
             ),
-            Node(plot_roc_curves, per_model("test_predictions"), "roc_curves", name="plot_roc"),
+            Node(
+                plot_roc_curves, per_model("test_predictions"), "roc_curves@figure", name="plot_roc"
+            ),
             Node(
                 plot_training_curves,
                 per_model("evaluation_summary"),
-                "training_curves",
+                "training_curves@figure",
                 name="plot_training_curves",
             ),
             Node(
                 plot_attention_heatmap,
                 per_model("attention_profile"),
-                "attention_heatmap",
+                "attention_heatmap@figure",
                 name="plot_attention_heatmap",
             ),
             Node(
                 plot_attention_distribution,
                 per_model("attention_profile"),
-                "attention_distribution",
+                "attention_distribution@figure",
                 name="plot_attention_distribution",
             ),
             Node(
