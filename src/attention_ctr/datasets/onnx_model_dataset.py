@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-from typing import Any
-
-import fsspec
 import onnx
-from kedro.io.core import (
-    AbstractVersionedDataset,
-    DatasetError,
-    Version,
-    get_filepath_str,
-    get_protocol_and_path,
-)
+from kedro.io.core import DatasetError
+
+from attention_ctr.datasets.versioned_file import VersionedFileDataset
 
 
-class OnnxModelDataset(AbstractVersionedDataset[bytes, bytes]):
+class OnnxModelDataset(VersionedFileDataset[bytes, bytes]):
     """Saves a serialised ONNX model (`bytes`, e.g. from `attention_ctr.onnx_export.export_onnx`).
 
     Loading returns the bytes after parsing them with `onnx` and running `onnx.checker`, so a
     truncated or corrupt file fails here, naming the file, rather than inside onnxruntime.
-    Saving refuses bytes that do not parse as an ONNX model. After a save, this dataset object
-    loads the version it just wrote (not "the newest on disk"): a pipeline that exports and
-    then checks the file reads its own export even while another run writes a newer version.
+    Saving refuses bytes that do not parse as an ONNX model. After a save, the dataset loads
+    the version it just wrote (see `VersionedFileDataset`).
 
     Example catalog entry::
 
@@ -33,29 +24,8 @@ class OnnxModelDataset(AbstractVersionedDataset[bytes, bytes]):
           versioned: true
     """
 
-    def __init__(
-        self,
-        *,
-        filepath: str,
-        version: Version | None = None,
-        fs_args: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        protocol, path = get_protocol_and_path(filepath, version)
-        self._protocol = protocol
-        self._fs = fsspec.filesystem(protocol, **(fs_args or {}))
-        self.metadata = metadata
-        super().__init__(
-            filepath=PurePosixPath(path),
-            version=version,
-            exists_function=self._fs.exists,
-            glob_function=self._fs.glob,
-        )
-
     def load(self) -> bytes:
-        path = get_filepath_str(self._get_load_path(), self._protocol)
-        with self._fs.open(path, "rb") as handle:
-            graph = handle.read()
+        graph, path = self._read_bytes()
         _check(graph, path)
         return graph
 
@@ -66,28 +36,7 @@ class OnnxModelDataset(AbstractVersionedDataset[bytes, bytes]):
                 "ONNX model as bytes (attention_ctr.onnx_export.export_onnx returns them)"
             )
         _check(bytes(data), str(self._filepath))
-        save_path = self._get_save_path()
-        path = get_filepath_str(save_path, self._protocol)
-        self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
-        with self._fs.open(path, "wb") as handle:
-            handle.write(data)
-        if self._version is not None:  # read back this save, whatever else appears on disk
-            self._version = Version(save_path.parent.name, self._version.save)
-        self._clear_version_cache()
-
-    def _exists(self) -> bool:
-        try:
-            path = self._get_load_path()
-        except DatasetError:
-            return False
-        return self._fs.exists(get_filepath_str(path, self._protocol))
-
-    def _describe(self) -> dict[str, Any]:
-        return {
-            "filepath": str(self._filepath),
-            "protocol": self._protocol,
-            "version": self._version,
-        }
+        self._write_bytes(bytes(data))
 
 
 def _check(graph: bytes, path: str) -> None:
