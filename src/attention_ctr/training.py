@@ -12,7 +12,9 @@ import ctypes
 import ctypes.util
 import logging
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -120,6 +122,12 @@ def _check_cpu_bf16(device: torch.device, config: TrainingConfig) -> None:
         )
 
 
+def has_cxx_compiler() -> bool:
+    """Whether torch.compile can build CPU kernels here ($CXX, g++, c++ or clang++)."""
+    names = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
+    return any(shutil.which(name) for name in names if name)
+
+
 def _cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -183,6 +191,11 @@ def fit(
     )
     autocast = lambda: _autocast(device, config)  # noqa: E731
     _check_cpu_bf16(device, config)
+    if config.compile and device.type == "cpu" and not has_cxx_compiler():
+        raise ValueError(
+            "Parameter training.compile needs a C++ compiler on the CPU (torch.compile builds "
+            "its kernels with one): install g++ or set training.compile: false"
+        )
     # torch.compile fuses the elementwise work of forward and backward (Dice, masks, gates)
     # into a few kernels; it pays a one-off compile of tens of seconds per model.
     losses = torch.compile(batch_losses) if config.compile else batch_losses

@@ -9,6 +9,7 @@ import torch
 from model_sizes import SIZES
 
 from attention_ctr.models import FEATURE_KEYS, MODELS, build_model, random_batch
+from attention_ctr.onnx_export import export_onnx, onnx_feed, onnx_session
 
 MAX_HISTORY = 6
 SMALL = {
@@ -263,46 +264,16 @@ def test_cuda_and_cuda_bf16_autocast(name):
 
 
 # -- export -----------------------------------------------------------------------------------
-EXPORT_KEYS = ("target_item", "target_category", "hist_item", "hist_category", "time_gap", "mask")
-
-
-class _Positional(torch.nn.Module):
-    """The model with positional tensor inputs, as `torch.onnx.export` wants them."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.model(dict(zip(EXPORT_KEYS, tensors)))
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("name", NAMES)
-def test_onnx_export_with_dynamic_batch_and_history(name, tmp_path):
-    """TorchScript exporter (dynamo=False); traced at B=4, L=max_history, run at other shapes."""
-    onnxruntime = pytest.importorskip("onnxruntime")
+def test_onnx_export_with_dynamic_batch_and_history(name):
+    """The project's exporter (`attention_ctr.onnx_export`), run at other shapes than traced."""
     model = make(name, use_behavior=False).eval()
-    example = batch(batch_size=4)
-    path = tmp_path / f"{name}.onnx"
-    axes = {key: {0: "batch", 1: "history"} for key in EXPORT_KEYS if example[key].dim() == 2}
-    axes.update(target_item={0: "batch"}, target_category={0: "batch"}, logits={0: "batch"})
-    torch.onnx.export(
-        _Positional(model).eval(),
-        tuple(example[key] for key in EXPORT_KEYS),
-        str(path),
-        input_names=list(EXPORT_KEYS),
-        output_names=["logits"],
-        dynamic_axes=axes,
-        dynamo=False,
-        opset_version=17,
-    )
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in session.get_inputs()]
+    session = onnx_session(export_onnx(model), threads=1)
     for batch_size, length in [(4, MAX_HISTORY), (3, 2), (1, 1), (5, MAX_HISTORY - 1)]:
         b = batch(batch_size=batch_size, length=length, seed=batch_size + length)
-        (logits,) = session.run(None, {key: b[key].numpy() for key in inputs})
+        (logits,) = session.run(None, onnx_feed(session, b))
         with torch.no_grad():
             expected = model(b).numpy()
         assert logits.shape == (batch_size,)

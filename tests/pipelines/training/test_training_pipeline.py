@@ -10,7 +10,13 @@ from conftest import PROJECT_ROOT, SMALL_SYNTHETIC
 from attention_ctr.models import FEATURE_KEYS, MODELS, build_model
 from attention_ctr.sandbox import make_project_copy, run_pipeline
 from attention_ctr.sequences import SampleTensors
-from attention_ctr.training import TrainingConfig, fit, predict, seed_everything
+from attention_ctr.training import (
+    TrainingConfig,
+    fit,
+    has_cxx_compiler,
+    predict,
+    seed_everything,
+)
 
 FAST_TRAINING = {
     **SMALL_SYNTHETIC,
@@ -82,6 +88,7 @@ def test_one_model_trains_alone_and_runs_are_deterministic(trained, tmp_path):
     )
 
 
+@pytest.mark.skipif(not has_cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_bf16_training_learns_like_eager_float32(trained):
     """`training.compile` + `bf16_on_cpu` (the fast CPU path) reach eager float32's AUC."""
     _, catalog = trained
