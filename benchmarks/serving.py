@@ -107,7 +107,7 @@ def main() -> int:
             tables["weights"],
         )
         metadata = describe_serving(
-            graph, request_graph, model, spec, {"max_abs_diff": float("nan")}
+            graph, request_graph, model, model, spec, {"max_abs_diff": float("nan"), "tolerance": 0}
         )
         scorer = Scorer(
             request_graph, metadata, items, categories, threads=args.threads, cache_size=0

@@ -68,7 +68,7 @@ def exported_run(tmp_path_factory) -> tuple[Path, object]:
         catalog = run_pipeline(
             project,
             params=EXPORT_RUN,
-            pipelines=["ingestion", "feature_engineering", "training", "evaluation", "export"],
+            pipeline="retraining",
         )
     finally:
         torch.set_num_threads(threads)

@@ -108,6 +108,17 @@ class Request:
         return history, self.target_item.tobytes(), self.target_category.tobytes()
 
 
+def _promoted_version(catalog, model: str, project_path: Path) -> str:
+    pointer = catalog.load("promoted_models")
+    if model not in pointer:
+        promoted = ", ".join(sorted(pointer)) or "none"
+        raise FileNotFoundError(
+            f"No promoted version of {model} in {project_path} (promoted: {promoted}): run "
+            "`kedro run --pipeline retraining` (its promotion_report says why a model was kept out)"
+        )
+    return pointer[model]["version"]
+
+
 class Scorer:
     """Scores candidates for a user's raw-id history with an exported model (see module doc).
 
@@ -200,6 +211,7 @@ class Scorer:
 
         The newest version of `{model}.serving_metadata` is the anchor: it is written only when
         the run's parity gate passed, and the other files are loaded at its version.
+        `version="promoted"` loads the version the promotion gate let serve (`promoted_models`).
         """
         from kedro.framework.session import KedroSession
         from kedro.framework.startup import bootstrap_project
@@ -212,6 +224,8 @@ class Scorer:
             anchor = f"{model}.serving_metadata"
             if anchor not in catalog:
                 raise ValueError(f"{project_path} has no catalog entry {anchor}")
+            if version == "promoted":
+                version = _promoted_version(catalog, model, project_path)
             try:
                 version = version or catalog.get(anchor).resolve_load_version()
             except DatasetError as error:

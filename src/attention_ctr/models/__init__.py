@@ -15,6 +15,8 @@ of tensors (see `layers.py` for the conventions), and offers:
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from attention_ctr.models.bst import BST
@@ -38,6 +40,15 @@ def build_model(name: str, **config) -> CTRModel:
     except KeyError:
         raise ValueError(f"Unknown model {name!r}; expected one of {sorted(MODELS)}") from None
     return cls(**config)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's name, config and weights: which trained model a report is about."""
+    digest = hashlib.sha256(repr((model.name, sorted(model.config.items()))).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def random_batch(

@@ -32,3 +32,13 @@ def one_branch_per_model(
         )
         for name in MODELS
     )
+
+
+def one_group(pipeline: Pipeline, name: str) -> Pipeline:
+    """`pipeline`'s nodes under the namespace `name`, with their datasets' names unchanged.
+
+    kedro-viz draws the group as one collapsible box, `kedro run --namespaces NAME` runs it,
+    and kedro-airflow (`--group-by namespace`) makes it one task, so the datasets its nodes
+    pass each other may stay in memory.
+    """
+    return Pipeline(pipeline, namespace=name, prefix_datasets_with_namespace=False)

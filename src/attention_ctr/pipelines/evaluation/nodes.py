@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 from torch import nn
 
+from attention_ctr.models import fingerprint
 from attention_ctr.onnx_export import OUTPUT_NAME, export_onnx, onnx_feed, onnx_session
 from attention_ctr.pipelines.feature_engineering.nodes import SAMPLE_COLUMNS
 from attention_ctr.sequences import SampleTensors
@@ -152,8 +153,12 @@ def ranking_metrics(users: np.ndarray, labels: np.ndarray, probabilities: np.nda
     }
 
 
-def compute_test_metrics(test_predictions: pd.DataFrame) -> dict:
-    """Metrics on the test split and on its cold-start slice, with and without the fallback."""
+def compute_test_metrics(test_predictions: pd.DataFrame, model: nn.Module) -> dict:
+    """Metrics on the test split and on its cold-start slice, with and without the fallback.
+
+    `model_sha256` names the weights measured, so a promotion gate can check that the metrics
+    and an exported graph are about the same model.
+    """
 
     def metrics(rows: pd.DataFrame, column: str) -> dict:
         return ranking_metrics(
@@ -162,6 +167,7 @@ def compute_test_metrics(test_predictions: pd.DataFrame) -> dict:
 
     cold = test_predictions[test_predictions["cold_item"]]
     return {
+        "model_sha256": fingerprint(model),
         "test": metrics(test_predictions, "probability"),
         "test_without_fallback": metrics(test_predictions, "probability_without_fallback"),
         "cold_start": {

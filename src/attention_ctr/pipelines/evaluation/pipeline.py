@@ -1,7 +1,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from attention_ctr.models import MODELS
-from attention_ctr.pipelines import one_branch_per_model
+from attention_ctr.pipelines import one_branch_per_model, one_group
 from attention_ctr.pipelines.evaluation.nodes import (
     collect_explanations,
     compare_models,
@@ -58,7 +58,12 @@ def create_model_pipeline() -> Pipeline:
                 "test_predictions",
                 name="predict_test_split",
             ),
-            Node(compute_test_metrics, "test_predictions", "test_metrics", name="compute_metrics"),
+            Node(
+                compute_test_metrics,
+                ["test_predictions", "model"],
+                "test_metrics",
+                name="compute_metrics",
+            ),
             Node(
                 time_inference,
                 ["model", "test_samples", "events", "feature_spec", f"{PARAMS}.latency"],
@@ -160,4 +165,4 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
         ]
     )
-    return models + reports
+    return models + one_group(reports, "evaluation")

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from attention_ctr.models import fingerprint
 from attention_ctr.models.layers import pad_positions
 from attention_ctr.onnx_export import OPSET, onnx_feed, onnx_session
 from attention_ctr.sequences import SampleTensors, gather_history
@@ -296,14 +297,20 @@ def describe_serving(
     onnx_model: bytes,
     onnx_request_model: bytes,
     serving_model: nn.Module,
+    model: nn.Module,
     feature_spec: dict,
     parity: dict,
 ) -> dict:
-    """What a scorer needs beside the graphs and the id tables (written once parity passed)."""
+    """What a scorer needs beside the graphs and the id tables (written once parity passed).
+
+    `model_sha256` is the trained model's fingerprint (before the cold-start rows were added),
+    the same one its test metrics carry.
+    """
     session = onnx_session(onnx_request_model, 1)
     config = serving_model.config
     return {
         "model": serving_model.name,
+        "model_sha256": fingerprint(model),
         "config": config,
         "onnx_sha256": hashlib.sha256(onnx_model).hexdigest(),
         "request_onnx_sha256": hashlib.sha256(onnx_request_model).hexdigest(),
@@ -318,6 +325,7 @@ def describe_serving(
         "cold_start_row_offset": int(config["n_items"]),
         "padding_id": 0,
         "parity_max_abs_diff": parity["max_abs_diff"],
+        "parity_tolerance": parity["tolerance"],
     }
 
 

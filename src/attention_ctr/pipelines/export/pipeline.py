@@ -68,7 +68,7 @@ def create_model_pipeline() -> Pipeline:
             ),
             Node(
                 describe_serving,
-                [*GRAPHS, "serving_model", "feature_spec", "parity"],
+                [*GRAPHS, "serving_model", "model", "feature_spec", "parity"],
                 "serving_metadata",
                 name="describe_serving",
             ),

@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from attention_ctr.pipelines import one_group
 from attention_ctr.pipelines.feature_engineering.nodes import (
     add_negative_history,
     assemble_samples,
@@ -15,7 +16,7 @@ PARAMS = "params:feature_engineering"
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline(
+    nodes = Pipeline(
         [
             Node(
                 encode_interactions,
@@ -78,3 +79,4 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
         ]
     )
+    return one_group(nodes, "feature_engineering")

@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from attention_ctr.pipelines import one_group
 from attention_ctr.pipelines.ingestion.nodes import (
     generate_synthetic_logs,
     read_behavior_logs,
@@ -8,7 +9,7 @@ from attention_ctr.pipelines.ingestion.nodes import (
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline(
+    nodes = Pipeline(
         [
             Node(
                 generate_synthetic_logs,
@@ -30,3 +31,4 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
         ]
     )
+    return one_group(nodes, "ingestion")

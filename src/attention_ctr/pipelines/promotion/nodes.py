@@ -1,0 +1,108 @@
+"""Promotion nodes: gate each model's new export against the promoted one, move the pointer."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+logger = logging.getLogger(__name__)
+
+
+def _candidate(serving_metadata: dict, test_metrics: dict) -> dict:
+    test = test_metrics["test"]
+    return {
+        "version": serving_metadata["version"],
+        "model_sha256": serving_metadata["model_sha256"],
+        "request_onnx_sha256": serving_metadata["request_onnx_sha256"],
+        "onnx_sha256": serving_metadata["onnx_sha256"],
+        "parity_max_abs_diff": serving_metadata["parity_max_abs_diff"],
+        "parity_tolerance": serving_metadata["parity_tolerance"],
+        "test_auc": test["auc"],
+        "test_gauc": test["gauc"],
+        "test_logloss": test["logloss"],
+        "test_samples": test["samples"],
+    }
+
+
+def _refusal(candidate: dict, test_metrics: dict) -> str | None:
+    """Why the candidate cannot be promoted whatever the incumbent, or None."""
+    difference = candidate["parity_max_abs_diff"]
+    if not (difference is not None and difference <= candidate["parity_tolerance"]):
+        return (
+            f"ONNX parity failed: max abs diff {difference} above the tolerance "
+            f"{candidate['parity_tolerance']}"
+        )
+    if test_metrics.get("model_sha256") != candidate["model_sha256"]:
+        return (
+            "the test metrics are of another model than the exported one (model_sha256 "
+            f"{test_metrics.get('model_sha256')} vs {candidate['model_sha256']}): run evaluation "
+            "and export on the same trained model"
+        )
+    if candidate["test_auc"] is None or not math.isfinite(candidate["test_auc"]):
+        return "the test AUC is undefined (the test split holds one class only)"
+    return None
+
+
+def decide_promotion(
+    serving_metadata: dict, test_metrics: dict, promoted_models: dict, params: dict
+) -> dict:
+    """Whether this run's export of one model replaces the promoted version of that model.
+
+    Promoted when its ONNX parity passed and its test AUC is at most `params["tolerance"]`
+    below the promoted version's (or nothing of this model is promoted yet).
+    """
+    name = serving_metadata["model"]
+    tolerance = float(params["tolerance"])
+    if not tolerance >= 0:
+        raise ValueError(f"promotion.tolerance must be >= 0, got {params['tolerance']!r}")
+    candidate = _candidate(serving_metadata, test_metrics)
+    incumbent = promoted_models.get(name)
+    refusal = _refusal(candidate, test_metrics)
+    if refusal is not None:
+        promoted, reason = False, refusal
+    elif incumbent is None:
+        promoted, reason = True, "nothing of this model was promoted before"
+    elif incumbent["version"] == candidate["version"]:
+        promoted, reason = True, "this version is already the promoted one"
+    else:
+        floor = incumbent["test_auc"] - tolerance
+        promoted = candidate["test_auc"] >= floor
+        comparison = ">=" if promoted else "<"
+        reason = (
+            f"test AUC {candidate['test_auc']:.4f} {comparison} the promoted version's "
+            f"{incumbent['test_auc']:.4f} - tolerance {tolerance:g}"
+        )
+    logger.info(
+        "%s %s: %s %s", name, candidate["version"], "promoted" if promoted else "kept out", reason
+    )
+    return {
+        "model": name,
+        "promoted": promoted,
+        "reason": reason,
+        "tolerance": tolerance,
+        "candidate": candidate,
+        "incumbent": incumbent,
+    }
+
+
+def move_promotion_pointer(promoted_models: dict, **decisions: dict) -> tuple[dict, dict]:
+    """The new pointer (each model's serving version) and a report of this run's decisions.
+
+    A model whose candidate was refused keeps its promoted version; a model this run did not
+    gate keeps its entry untouched.
+    """
+    pointer = dict(promoted_models)
+    for decision in decisions.values():
+        if decision["promoted"]:
+            entry = {**decision["candidate"]}
+            incumbent = decision["incumbent"]
+            if incumbent is not None and incumbent["version"] != entry["version"]:
+                entry["replaced_version"] = incumbent["version"]
+            pointer[decision["model"]] = entry
+    report = {
+        "promoted": sorted(d["model"] for d in decisions.values() if d["promoted"]),
+        "kept_out": sorted(d["model"] for d in decisions.values() if not d["promoted"]),
+        "serving": {name: entry["version"] for name, entry in sorted(pointer.items())},
+        "decisions": {d["model"]: d for d in decisions.values()},
+    }
+    return pointer, report

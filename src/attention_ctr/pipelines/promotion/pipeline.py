@@ -1,0 +1,46 @@
+from kedro.pipeline import Node, Pipeline
+
+from attention_ctr.models import MODELS
+from attention_ctr.pipelines import one_branch_per_model, one_group
+from attention_ctr.pipelines.promotion.nodes import decide_promotion, move_promotion_pointer
+
+# The pointer is read as `promoted_models_before` and written as `promoted_models`: two
+# catalog entries for one file, so the gate can read it before the last node moves it.
+POINTER_BEFORE = "promoted_models_before"
+
+
+def create_model_pipeline() -> Pipeline:
+    """One model's gate; instantiated per model under its namespace, like export."""
+    return Pipeline(
+        [
+            Node(
+                decide_promotion,
+                ["serving_metadata", "test_metrics", POINTER_BEFORE, "params:promotion"],
+                "promotion_decision",
+                name="decide_promotion",
+            )
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    gates = one_branch_per_model(
+        create_model_pipeline(),
+        shared_inputs={POINTER_BEFORE},
+        parameters={"params:promotion"},
+        flat_outputs=["promotion_decision"],
+    )
+    pointer = Pipeline(
+        [
+            Node(
+                move_promotion_pointer,
+                {
+                    "promoted_models": POINTER_BEFORE,
+                    **{name: f"{name}_promotion_decision" for name in MODELS},
+                },
+                ["promoted_models", "promotion_report"],
+                name="move_promotion_pointer",
+            )
+        ]
+    )
+    return gates + one_group(pointer, "promotion")
