@@ -183,6 +183,8 @@ def test_two_evaluations_leave_two_versions_of_every_output(evaluated):
     project, _ = evaluated
     root = project / "data" / "08_reporting" / "evaluation"
     outputs = [p for p in root.rglob("*") if p.is_dir() and p.suffix in {".json", ".md", ".png"}]
-    assert len(outputs) == len(MODELS) + 9  # per-model metrics + the cross-model reports
+    # per model: test metrics, evaluation summary, attention profile, explanations; then the
+    # cross-model reports
+    assert len(outputs) == len(MODELS) * 4 + 9
     for output in outputs:
         assert len([v for v in output.iterdir() if v.is_dir()]) == 2, output
