@@ -1,4 +1,4 @@
-"""Pipeline 'retraining': the newest raw logs to a gated, promoted export (what a scheduler runs)."""
+"""Pipeline 'retraining': newest raw logs to a gated, promoted export (what a scheduler runs)."""
 
 from attention_ctr.pipelines.retraining.pipeline import create_pipeline
 
