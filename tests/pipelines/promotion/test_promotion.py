@@ -141,6 +141,7 @@ def test_the_auc_may_fall_by_at_most_the_tolerance(incumbent_auc, promoted):
         (_metadata(difference=None), _metrics(), "ONNX parity failed"),
         (_metadata(sha="m2"), _metrics(), "of another model"),
         (_metadata(), _metrics(auc=None), "test AUC is undefined"),
+        ({**_metadata(), "model_sha256": None}, _metrics(), "export this model again"),
     ],
 )
 def test_a_candidate_that_failed_parity_or_has_no_comparable_metrics_is_kept_out(

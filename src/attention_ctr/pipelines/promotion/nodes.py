@@ -12,11 +12,11 @@ def _candidate(serving_metadata: dict, test_metrics: dict) -> dict:
     test = test_metrics["test"]
     return {
         "version": serving_metadata["version"],
-        "model_sha256": serving_metadata["model_sha256"],
+        "model_sha256": serving_metadata.get("model_sha256"),
         "request_onnx_sha256": serving_metadata["request_onnx_sha256"],
         "onnx_sha256": serving_metadata["onnx_sha256"],
-        "parity_max_abs_diff": serving_metadata["parity_max_abs_diff"],
-        "parity_tolerance": serving_metadata["parity_tolerance"],
+        "parity_max_abs_diff": serving_metadata.get("parity_max_abs_diff"),
+        "parity_tolerance": serving_metadata.get("parity_tolerance"),
         "test_auc": test["auc"],
         "test_gauc": test["gauc"],
         "test_logloss": test["logloss"],
@@ -26,8 +26,10 @@ def _candidate(serving_metadata: dict, test_metrics: dict) -> dict:
 
 def _refusal(candidate: dict, test_metrics: dict) -> str | None:
     """Why the candidate cannot be promoted whatever the incumbent, or None."""
-    difference = candidate["parity_max_abs_diff"]
-    if not (difference is not None and difference <= candidate["parity_tolerance"]):
+    difference, tolerance = candidate["parity_max_abs_diff"], candidate["parity_tolerance"]
+    if candidate["model_sha256"] is None or tolerance is None:
+        return "the export predates the promotion gate's records: export this model again"
+    if not (difference is not None and difference <= tolerance):
         return (
             f"ONNX parity failed: max abs diff {difference} above the tolerance "
             f"{candidate['parity_tolerance']}"
