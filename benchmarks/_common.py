@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,8 @@ def build_features(
     logs an environment such as `movielens` reads).
     """
     quiet_kedro_logging()
+    # Kedro 1.7's config loader still calls OmegaConf's deprecated resolver API.
+    warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", UserWarning)
     from attention_ctr.sandbox import make_project_copy, run_pipeline
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-features-"))
