@@ -32,10 +32,8 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import torch
+from _common import HISTORY, fixed_size
 
-FIXED_SIZE = {"embedding_dim": 32, "mlp_hidden": [200, 80]}
-ATTENTION_UNIT = {"din": {"attention_hidden": [80, 40]}}
-HISTORY = 50
 EDGES = [60, 300, 900, 3600, 10800, 21600, 43200, 86400, 172800, 345600, 604800, 2592000]
 
 
@@ -93,7 +91,7 @@ def main() -> int:
         torch.manual_seed(0)
         sizes = {key: spec[key] for key in ("n_items", "n_categories", "n_behaviors")}
         sizes.update(n_time_gap_buckets=spec["n_time_gap_buckets"], max_history=HISTORY)
-        model = build_model(name, **sizes, **FIXED_SIZE, **ATTENTION_UNIT.get(name, {}))
+        model = build_model(name, **sizes, **fixed_size(name))
         model = add_cold_start_rows(model.eval(), tables["item_ids"], tables["weights"])
         graph = export_onnx(model)
         session = onnx_session(graph, args.threads)

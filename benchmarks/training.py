@@ -14,17 +14,10 @@ DIN >= 17,000 samples/s, DIEN <= 2.5x DIN's cost per sample, BST >= 5,000 sample
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FIXED_SIZE = {"embedding_dim": 32, "mlp_hidden": [200, 80]}
-ATTENTION_UNIT = {"din": {"attention_hidden": [80, 40]}}
+from _common import HISTORY, build_features, fixed_size
 
 
 def main() -> int:
@@ -45,29 +38,16 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    os.environ.setdefault("KEDRO_LOGGING_CONFIG", str(_quiet_logging()))
     from attention_ctr.models import build_model
-    from attention_ctr.sandbox import make_project_copy, run_pipeline
     from attention_ctr.sequences import SampleTensors
     from attention_ctr.training import TrainingConfig, fit, pick_device, seed_everything
 
-    workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
-    try:
-        project = make_project_copy(workdir / "project", source=PROJECT_ROOT)
-        catalog = run_pipeline(
-            project,
-            params={
-                "ingestion.synthetic.events": args.events,
-                "feature_engineering.max_history": 50,
-            },
-            pipelines=["ingestion", "feature_engineering"],
-        )
-        spec = catalog.load("feature_spec")
-        events = catalog.load("events")
-        train_samples = catalog.load("train_samples")
-        validation_samples = catalog.load("validation_samples")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    tables = build_features(
+        {"ingestion.synthetic.events": args.events, "feature_engineering.max_history": HISTORY},
+        ("feature_spec", "events", "train_samples", "validation_samples"),
+    )
+    spec, events = tables["feature_spec"], tables["events"]
+    train_samples, validation_samples = tables["train_samples"], tables["validation_samples"]
 
     device = pick_device(args.device)
     train = SampleTensors(train_samples, events, spec, device)
@@ -91,7 +71,7 @@ def main() -> int:
     for batch_size in args.batch_sizes:
         for name, variant in runs:
             seed_everything(2024)
-            model = build_model(name, **sizes, **FIXED_SIZE, **ATTENTION_UNIT.get(name, {}))
+            model = build_model(name, **sizes, **fixed_size(name))
             fast = variant == "compiled bf16"
             config = TrainingConfig(
                 device=str(device),
@@ -121,16 +101,6 @@ def main() -> int:
         if din and dien:
             print(f"DIEN/DIN cost per sample at batch {batch_size} (eager): {din / dien:.2f}x")
     return 0
-
-
-def _quiet_logging() -> Path:
-    path = Path(tempfile.gettempdir()) / "attention_ctr_bench_logging.yml"
-    path.write_text(
-        "version: 1\ndisable_existing_loggers: false\n"
-        "handlers: {console: {class: logging.StreamHandler, level: WARNING}}\n"
-        "root: {handlers: [console]}\n"
-    )
-    return path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""What the benchmark scripts share: the fixed model size of the targets, quiet Kedro logging,
+and features built by the real pipelines in a temporary copy of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# The fixed size every benchmark target is stated at: history 50, embedding 32 for items and
+# for categories, attention unit 80-40 (DIN), MLP 200-80.
+HISTORY = 50
+FIXED_SIZE = {"embedding_dim": 32, "mlp_hidden": [200, 80]}
+ATTENTION_UNIT = {"din": {"attention_hidden": [80, 40]}}
+
+
+def fixed_size(name: str) -> dict:
+    """Constructor options that set model `name` to the fixed size."""
+    return {**FIXED_SIZE, **ATTENTION_UNIT.get(name, {})}
+
+
+def quiet_kedro_logging() -> None:
+    """Point Kedro at a logging config that only shows warnings (unless one is already set)."""
+    path = Path(tempfile.gettempdir()) / "attention_ctr_bench_logging.yml"
+    path.write_text(
+        "version: 1\ndisable_existing_loggers: false\n"
+        "handlers: {console: {class: logging.StreamHandler, level: WARNING}}\n"
+        "root: {handlers: [console]}\n"
+    )
+    os.environ.setdefault("KEDRO_LOGGING_CONFIG", str(path))
+
+
+def build_features(
+    params: dict,
+    outputs: tuple[str, ...],
+    env: str | None = None,
+    raw_files: dict[str, Path] | None = None,
+) -> dict:
+    """Run ingestion and feature_engineering in a throw-away project copy; load `outputs`.
+
+    `raw_files` maps paths under the copy's `data/01_raw/` to files to put there first (the
+    logs an environment such as `movielens` reads).
+    """
+    quiet_kedro_logging()
+    # Kedro 1.7's config loader still calls OmegaConf's deprecated resolver API.
+    warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", UserWarning)
+    from attention_ctr.sandbox import make_project_copy, run_pipeline
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-features-"))
+    try:
+        project = make_project_copy(workdir / "project", source=PROJECT_ROOT)
+        for relative, source in (raw_files or {}).items():
+            destination = project / "data" / "01_raw" / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)
+        catalog = run_pipeline(
+            project, params=params, env=env, pipelines=["ingestion", "feature_engineering"]
+        )
+        return {name: catalog.load(name) for name in outputs}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
