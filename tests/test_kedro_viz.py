@@ -181,24 +181,35 @@ def test_the_key_datasets_are_on_the_page_and_a_screenshot_is_kept(browser, serv
     assert errors == []
 
 
-def test_kedro_viz_run_serves_the_projects_pipelines(exported_run):
+def _free_port() -> int:
+    """A free localhost port below 49152: kedro-viz refuses the ephemeral range above it."""
+    for port in range(41410, 41600):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 41410..41599")
+
+
+def test_kedro_viz_run_serves_the_projects_pipelines(exported_run, tmp_path):
     """`kedro viz run` starts its server on the project (the command the README gives)."""
     _required("kedro_viz", "kedro-viz")
     project, _ = exported_run
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
+    log = tmp_path / "kedro-viz-run.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "kedro", "viz", "run", "--no-browser", "--port", str(port)],
         cwd=project,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline, main = time.monotonic() + 180, None
         while main is None and time.monotonic() < deadline:
-            assert server.poll() is None, "kedro viz run exited"
+            assert server.poll() is None, f"kedro viz run exited:\n{log.read_text()[-3000:]}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/main", timeout=5) as r:
                     main = json.load(r)
