@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +206,7 @@ def test_kedro_viz_run_serves_the_projects_pipelines(exported_run, tmp_path):
         stdin=subprocess.DEVNULL,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its server runs in a child process: stop the whole group
     )
     try:
         deadline, main = time.monotonic() + 180, None
@@ -221,5 +223,5 @@ def test_kedro_viz_run_serves_the_projects_pipelines(exported_run, tmp_path):
         names = {node["name"] for node in main["nodes"]}
         assert set(KEY_DATASETS) <= names
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
