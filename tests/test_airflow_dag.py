@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXPORT_RUN, PROJECT_ROOT
+from conftest import EXPORT_RUN, PROJECT_ROOT, require_module, run_kedro
 from kedro.framework.project import pipelines
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
@@ -68,12 +68,10 @@ def retraining():
 
 
 def test_the_committed_dag_is_what_kedro_airflow_generates_from_the_pipeline_now(tmp_path):
-    pytest.importorskip("kedro_airflow", reason="kedro-airflow is in the dev and airflow extras")
+    require_module("kedro_airflow")
     project = make_project_copy(tmp_path / "project", source=PROJECT_ROOT)
     target = tmp_path / "generated"
-    command = [sys.executable, "-m", "kedro", *GENERATE, "--target-dir", str(target)]
-    result = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_kedro(project, *GENERATE, "--target-dir", str(target))
     generated = (target / DAG_FILE.name).read_text()
     assert generated == DAG_FILE.read_text(), (
         f"{DAG_FILE.relative_to(PROJECT_ROOT)} is stale: regenerate it with "
@@ -120,16 +118,6 @@ def test_every_dataset_passed_between_tasks_is_persisted(retraining):
 
 
 # ---------------------------------------------------------------- with Airflow itself
-def _airflow_or_skip():
-    """Airflow is in the dev extra; CI must have it, a developer without it skips."""
-    try:
-        import airflow  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("apache-airflow is not installed: `pip install -e '.[dev]'`")
-        pytest.skip("apache-airflow is not installed (it is in the dev and airflow extras)")
-
-
 def _airflow_env(home: Path, dags: Path) -> dict[str, str]:
     return {
         **os.environ,
@@ -140,7 +128,7 @@ def _airflow_env(home: Path, dags: Path) -> dict[str, str]:
 
 
 def test_airflow_imports_the_committed_dag_with_the_pipelines_tasks(retraining, tmp_path):
-    _airflow_or_skip()
+    require_module("airflow")
     pipeline, _ = retraining
     script = (
         "import json; from airflow.dag_processing.dagbag import DagBag\n"
@@ -170,14 +158,12 @@ def test_airflow_imports_the_committed_dag_with_the_pipelines_tasks(retraining, 
 
 def test_airflow_runs_the_retraining_dag_end_to_end_and_promotes(tmp_path):
     """`airflow dags test` on a DAG generated like the committed one, for a small-data env."""
-    _airflow_or_skip()
-    pytest.importorskip("kedro_airflow", reason="kedro-airflow is in the dev and airflow extras")
+    require_module("airflow")
+    require_module("kedro_airflow")
     project = make_project_copy(tmp_path / "project", source=PROJECT_ROOT)
     (project / "conf" / "small").mkdir()
     (project / "conf" / "small" / "parameters.yml").write_text(yaml.safe_dump(nested(EXPORT_RUN)))
-    command = [sys.executable, "-m", "kedro", *GENERATE, "--env", "small", "--target-dir", "dags"]
-    generated = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300)
-    assert generated.returncode == 0, generated.stdout + generated.stderr
+    run_kedro(project, *GENERATE, "--env", "small", "--target-dir", "dags")
 
     env = _airflow_env(tmp_path / "airflow", project / "dags")
     airflow = [sys.executable, "-m", "airflow"]

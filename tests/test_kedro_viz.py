@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, require, require_module, run_kedro
 from kedro.framework.project import pipelines
 from kedro.framework.startup import bootstrap_project
 
@@ -53,28 +53,6 @@ KEY_DATASETS = [
 ]
 
 
-def _required(module: str, what: str):
-    """The module, or a skip (a failure in CI, which installs everything the README says)."""
-    try:
-        return __import__(module)
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} is not installed: `pip install -e '.[dev]'`")
-        pytest.skip(f"{what} is not installed (dev extra)")
-
-
-def _kedro(project: Path, *arguments: str, **options) -> subprocess.CompletedProcess:
-    # stdin closed: a telemetry consent prompt would fail the command instead of hanging it
-    return subprocess.run(
-        [sys.executable, "-m", "kedro", *arguments],
-        cwd=project,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        **options,
-    )
-
-
 def _expected(pipeline) -> tuple[set[str], list[str]]:
     """(datasets kedro-viz draws, task labels) of a pipeline: parameters hidden, transcoding
     merged, task nodes labelled with their names inside their namespace."""
@@ -86,11 +64,10 @@ def _expected(pipeline) -> tuple[set[str], list[str]]:
 @pytest.fixture(scope="module")
 def viz_site(exported_run):
     """`kedro viz build --include-previews` of the project after a run of every pipeline."""
-    _required("kedro_viz", "kedro-viz")
+    require_module("kedro_viz")
     project, _ = exported_run
     shutil.rmtree(project / "build", ignore_errors=True)
-    result = _kedro(project, "viz", "build", "--include-previews", timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_kedro(project, "viz", "build", "--include-previews")
     assert (project / "build" / "index.html").is_file()
     return project / "build"
 
@@ -112,12 +89,11 @@ def served(viz_site):
 
 @pytest.fixture(scope="module")
 def browser():
-    _required("playwright", "playwright")
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_module("playwright")
+    require(
+        CHROMIUM.exists(),
+        f"{CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`)",
+    )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -196,7 +172,7 @@ def _free_port() -> int:
 
 def test_kedro_viz_run_serves_the_projects_pipelines(exported_run, tmp_path):
     """`kedro viz run` starts its server on the project (the command the README gives)."""
-    _required("kedro_viz", "kedro-viz")
+    require_module("kedro_viz")
     project, _ = exported_run
     port = _free_port()
     log = tmp_path / "kedro-viz-run.log"

@@ -27,11 +27,7 @@ class ServingMetadataDataset(VersionedFileDataset[dict, dict]):
     """
 
     def load(self) -> dict:
-        text, path = self._read_bytes()
-        try:
-            metadata = json.loads(text)
-        except ValueError as error:
-            raise DatasetError(f"{path} is not valid JSON: {error}") from error
+        metadata = self._read_json()
         version = self.resolve_load_version() if self._version is not None else None
         return {**metadata, "version": version}
 

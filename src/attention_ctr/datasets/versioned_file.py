@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
@@ -51,12 +53,24 @@ class VersionedFileDataset(AbstractVersionedDataset[_DI, _DO]):
         with self._fs.open(path, "rb") as handle:
             return handle.read(), path
 
+    def _read_json(self) -> object:
+        """The JSON value of the version to load; invalid JSON is an error naming the file."""
+        text, path = self._read_bytes()
+        try:
+            return json.loads(text)
+        except ValueError as error:
+            raise DatasetError(f"{path} is not valid JSON: {error}") from error
+
     def _write_bytes(self, data: bytes) -> None:
+        """Write through a temporary file renamed over the target: a reader (a server loading
+        the newest model, a pointer being moved) sees the old file or the new one, never half."""
         save_path = self._get_save_path()
         path = get_filepath_str(save_path, self._protocol)
         self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
-        with self._fs.open(path, "wb") as handle:
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with self._fs.open(temporary, "wb") as handle:
             handle.write(data)
+        self._fs.mv(temporary, path)
         if self._version is not None:  # read back this save, whatever else appears on disk
             self._version = Version(save_path.parent.name, self._version.save)
         self._clear_version_cache()

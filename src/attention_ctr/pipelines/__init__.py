@@ -34,6 +34,11 @@ def one_branch_per_model(
     )
 
 
+def per_model(dataset: str) -> dict[str, str]:
+    """Keyword inputs {model name: that model's flat `dataset`} for a cross-model node."""
+    return {name: f"{name}_{dataset}" for name in MODELS}
+
+
 def one_group(pipeline: Pipeline, name: str) -> Pipeline:
     """`pipeline`'s nodes under the namespace `name`, with their datasets' names unchanged.
 

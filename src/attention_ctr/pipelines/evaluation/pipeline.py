@@ -1,7 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from attention_ctr.models import MODELS
-from attention_ctr.pipelines import one_branch_per_model, one_group
+from attention_ctr.pipelines import one_branch_per_model, one_group, per_model
 from attention_ctr.pipelines.evaluation.nodes import (
     collect_explanations,
     compare_models,
@@ -108,11 +107,6 @@ def create_model_pipeline() -> Pipeline:
             ),
         ]
     )
-
-
-def per_model(dataset: str) -> dict[str, str]:
-    """Keyword inputs {model name: that model's `dataset`} for a cross-model node."""
-    return {name: f"{name}_{dataset}" for name in MODELS}
 
 
 def create_pipeline(**kwargs) -> Pipeline:

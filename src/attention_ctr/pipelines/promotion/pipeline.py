@@ -1,7 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from attention_ctr.models import MODELS
-from attention_ctr.pipelines import one_branch_per_model, one_group
+from attention_ctr.pipelines import one_branch_per_model, one_group, per_model
 from attention_ctr.pipelines.promotion.nodes import decide_promotion, move_promotion_pointer
 
 # The pointer is read as `promoted_models_before` and written as `promoted_models`: two
@@ -34,10 +33,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 move_promotion_pointer,
-                {
-                    "promoted_models": POINTER_BEFORE,
-                    **{name: f"{name}_promotion_decision" for name in MODELS},
-                },
+                {"promoted_models": POINTER_BEFORE, **per_model("promotion_decision")},
                 ["promoted_models", "promotion_report"],
                 name="move_promotion_pointer",
             )
