@@ -113,17 +113,43 @@ class SampleTensors:
         batch["target_category"] = self.target_category[index]
         return batch
 
+    def batch_indices(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        length_window: int = 0,
+    ) -> list[torch.Tensor]:
+        """The sample rows of each batch; together they cover every sample once.
+
+        `length_window` > 1 groups samples of similar history length (bucketing, as in
+        sequence-to-sequence training): the (shuffled) order is cut into windows of
+        `length_window` batches, each window is sorted by history length (ties keep the
+        shuffled order) and cut into batches, and, with `shuffle`, the batches are shuffled.
+        A batch is as wide as its longest history, so this removes most of the padding that
+        recurrences and attention run over; a window of many batches keeps them well mixed.
+        """
+        count = len(self)
+        if shuffle:
+            order = torch.randperm(count, generator=generator).to(self.device)
+        else:
+            order = torch.arange(count, device=self.device)
+        starts = torch.arange(0, count, batch_size)
+        if length_window > 1 and count:
+            window = torch.arange(count, device=self.device) // (length_window * batch_size)
+            key = window * (self.max_history + 1) + self.hist_len[order]
+            order = order[torch.sort(key, stable=True).indices]
+            if shuffle:
+                starts = starts[torch.randperm(len(starts), generator=generator)]
+        return [order[start : start + batch_size] for start in starts.tolist()]
+
     def batches(
         self,
         batch_size: int,
         shuffle: bool = False,
         generator: torch.Generator | None = None,
+        length_window: int = 0,
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """(batch, labels) pairs covering every sample once."""
-        if shuffle:
-            order = torch.randperm(len(self), generator=generator).to(self.device)
-        else:
-            order = torch.arange(len(self), device=self.device)
-        for start in range(0, len(self), batch_size):
-            index = order[start : start + batch_size]
+        """(batch, labels) pairs over `batch_indices(...)` (same arguments)."""
+        for index in self.batch_indices(batch_size, shuffle, generator, length_window):
             yield self.batch(index), self.label[index]

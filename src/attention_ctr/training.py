@@ -45,6 +45,7 @@ class TrainingConfig:
     bf16_on_gpu: bool = True
     bf16_on_cpu: bool = False
     compile: bool = False
+    length_window: int = 64
     progress_bar: bool = True
 
     @classmethod
@@ -154,14 +155,19 @@ def batch_losses(
 def predict(
     model: nn.Module, tensors: SampleTensors, batch_size: int, autocast=nullcontext
 ) -> np.ndarray:
-    """Click probabilities for every sample of a split, in the split's order."""
+    """Click probabilities for every sample of a split, in the split's order.
+
+    Batches are built from samples sorted by history length (then put back in order): in eval
+    mode a prediction does not depend on its batch, and short batches are cheap.
+    """
     model.eval()
-    scores = []
-    for batch, _ in tensors.batches(batch_size):
+    scores = torch.empty(len(tensors), dtype=torch.float32)
+    whole_split = max(1, math.ceil(len(tensors) / batch_size))
+    for index in tensors.batch_indices(batch_size, length_window=whole_split):
         with autocast():
-            logits = model(batch)
-        scores.append(torch.sigmoid(logits.float()).cpu())
-    return torch.cat(scores).numpy() if scores else np.empty(0, dtype=np.float32)
+            logits = model(tensors.batch(index))
+        scores[index.cpu()] = torch.sigmoid(logits.float()).cpu()
+    return scores.numpy()
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
@@ -211,7 +217,7 @@ def fit(
         seen = 0
         steps = math.ceil(len(train) / config.batch_size)
         bar = tqdm(
-            train.batches(config.batch_size, shuffle=True, generator=generator),
+            train.batches(config.batch_size, True, generator, length_window=config.length_window),
             total=steps,
             desc=f"{model.name} epoch {epoch}",
             disable=show,

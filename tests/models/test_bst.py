@@ -150,3 +150,32 @@ def test_fast_dropout_keeps_one_minus_p_and_rescales():
     out = fast_dropout(x, 0.1, training=True)
     out.sum().backward()
     torch.testing.assert_close(x.grad, out.detach())  # gradient = mask * scale
+
+
+@pytest.mark.parametrize("length", [1, 3, MAX_HISTORY])
+def test_concat_output_without_padding_to_max_history_is_the_same_function(length):
+    """Outside export the encoder skips the padding to max_history: same logits and grads as
+    the fixed-width `tokens()` -> encoder -> flatten -> MLP that the ONNX graphs run."""
+    model = make(transformer_dropout=0.0).double()
+    b = batch(4, length)
+
+    def padded_logits() -> torch.Tensor:
+        x, keep = model.tokens(b)
+        assert x.shape[1] == MAX_HISTORY + 1
+        for layer in model.layers:
+            x = layer(x, keep)
+        features = x.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
+        return model.mlp(features).squeeze(-1)
+
+    trimmed, expected = model(b), padded_logits()
+    assert model.tokens(b, pad=False)[0].shape[1] == length + 1
+    torch.testing.assert_close(trimmed.double(), expected)
+    parameters = list(model.parameters())
+    for got, want in zip(
+        torch.autograd.grad(trimmed.sum(), parameters, allow_unused=True),
+        torch.autograd.grad(expected.sum(), parameters, allow_unused=True),
+    ):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want)

@@ -116,6 +116,25 @@ def test_prelu_has_one_slope_per_unit_of_the_last_dimension():
     assert torch.equal(prelu(-x), -x)
 
 
+def test_prelu_training_path_equals_f_prelu_in_value_and_gradient():
+    """CPU training runs `_PReLUFunction` (faster backward); eval and export run `F.prelu`."""
+    torch.manual_seed(0)
+    prelu = PReLU(4).double()
+    with torch.no_grad():
+        prelu.weight.copy_(torch.tensor([-0.5, 0.0, 0.25, 2.0]))
+    x = torch.randn(3, 5, 4, dtype=torch.double, requires_grad=True)
+    upstream = torch.randn(3, 5, 4, dtype=torch.double)
+    got = prelu(x)
+    want = F.prelu(x.reshape(-1, 4), prelu.weight).view(x.shape)
+    torch.testing.assert_close(got, want)
+    inputs = [x, prelu.weight]
+    for a, b in zip(
+        torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)
+    ):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(prelu, (x.detach()[:2].requires_grad_(),))
+
+
 @pytest.mark.parametrize("activation", ["dice", "prelu", "relu", "leaky_relu", "sigmoid"])
 def test_mlp_shapes(activation):
     mlp = MLP(6, [5, 4], activation, dropout=0.1, out_features=1)

@@ -21,8 +21,9 @@ feed-forward (`attention_dropout` on the attention probabilities is an option, o
 default: it forces the unfused attention path), LayerNorm eps 1e-5, a LeakyReLU feed-forward
 of width `feedforward_dim` (the paper gives none; default d: the usual 4 d makes the whole
 training step 1.6x slower on CPU). Output (paper): the outputs of all
-positions concatenated (`output="concat"`: the sequence is padded to `max_history + 1` inside
-the model so the flattened width is fixed; padded positions are zeroed); `output="mean"`
+positions concatenated (`output="concat"`: a fixed width of `max_history + 1` tokens, padded
+positions zeroed; outside ONNX export the encoder runs only the batch's own L + 1 tokens and
+the MLP's first layer only the matching weight columns, the same function); `output="mean"`
 averages the real positions instead. Then an MLP with LeakyReLU.
 
 Shapes (B batch, L history length <= max_history, M = max_history, E = 2 * embedding_dim,
@@ -123,13 +124,18 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:
         q, k, v = self._heads(x)
-        attended = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=_padding_bias(keep, q.dtype),
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )  # [B, heads, S, d / heads]
+        # Attention itself in float32 even under bf16 autocast: the CPU's bf16 SDPA (and its
+        # casts) made a bf16 training step 1.9x slower than float32; the Linears stay bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.promote_types(q.dtype, torch.float32)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            attended = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=_padding_bias(keep, q.dtype),
+                dropout_p=self.attention_dropout if self.training else 0.0,
+            )  # [B, heads, S, d / heads]
         attended = attended.transpose(1, 2).reshape(x.shape)
         p, training = self.dropout_p, self.training
         x = self.norm1(x + fast_dropout(self.out(attended), p, training))
@@ -211,8 +217,12 @@ class BST(CTRModel):
             ids = length + 1 - torch.arange(mask.shape[1], device=mask.device)
         return ids.masked_fill(~mask, 0)
 
-    def tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """-> tokens `[B, S, d]` (target last) and `keep` `[B, S]` (True = real token)."""
+    def tokens(self, batch: Batch, pad: bool = True) -> tuple[Tensor, Tensor]:
+        """-> tokens `[B, S, d]` (target last) and `keep` `[B, S]` (True = real token).
+
+        With `output="concat"` the history is padded to `max_history` (S = M + 1) unless `pad`
+        is False (then S = L + 1, see `_concat_features`).
+        """
         mask = batch["mask"]
         batch_size, length = mask.shape
         if length > self.max_history:
@@ -223,7 +233,7 @@ class BST(CTRModel):
         position_vectors = self.position_embedding(positions)  # [B, L + 1, P], one lookup
         history = torch.cat([history, position_vectors[:, :-1]], dim=-1)  # [B, L, d]
         target = torch.cat([target, position_vectors[:, -1]], dim=-1)  # [B, d]
-        if self.output == "concat":  # fixed width for the flattened output
+        if self.output == "concat" and pad:  # fixed width for the flattened output
             history, mask = (
                 pad_positions(history, self.max_history),
                 pad_positions(mask, self.max_history),
@@ -246,12 +256,33 @@ class BST(CTRModel):
 
     def forward(self, batch: Batch) -> Tensor:
         """-> logits `[B]`."""
-        x, keep = self.tokens(batch)
+        # Outside export the concat output skips the padding to max_history (same function).
+        trim = self.output == "concat" and not torch.onnx.is_in_onnx_export()
+        x, keep = self.tokens(batch, pad=not trim)
         for layer in self.layers:
             x = layer(x, keep)
         x = x.masked_fill(~keep.unsqueeze(-1), 0.0)  # padded positions contribute nothing
+        if trim:
+            return self._concat_logits(x)
         if self.output == "concat":
             features = x.flatten(1)  # [B, (M + 1) * d]
         else:
             features = x.sum(1) / keep.sum(1, keepdim=True).to(x.dtype)
         return self.mlp(features).squeeze(-1).float()
+
+    def _concat_logits(self, x: Tensor) -> Tensor:
+        """The concat output's MLP on encoder outputs `x` `[B, L + 1, d]` not padded to M + 1.
+
+        Padded tokens are masked as keys (they change no real token) and zeroed in the output,
+        so they only ever met zeros in the MLP's first Linear: W [x_0 .. x_{L-1}, 0 .., x_t] =
+        [W_0 .. W_{L-1}, W_M] [x_0 .. x_{L-1}, x_t]. Encoder and first layer run over L + 1
+        tokens instead of M + 1 (with `training.length_window`, L is about the batch's own
+        history length).
+        """
+        first = self.mlp.linears[0]
+        length, d_model = x.shape[1] - 1, x.shape[2]
+        weight = first.weight.view(first.out_features, self.max_history + 1, d_model)
+        if length < self.max_history:
+            weight = torch.cat([weight[:, :length], weight[:, -1:]], dim=1)
+        hidden = F.linear(x.flatten(1), weight.reshape(first.out_features, -1), first.bias)
+        return self.mlp.after_first_linear(hidden).squeeze(-1).float()
