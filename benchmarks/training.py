@@ -17,11 +17,19 @@ import argparse
 import sys
 
 import torch
-from _common import HISTORY, build_features, fixed_size
+import yaml
+from _common import HISTORY, PROJECT_ROOT, build_features, fixed_size
 
 from attention_ctr.models import build_model
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.training import TrainingConfig, fit, pick_device, seed_everything
+
+
+def project_length_window(name: str) -> int:
+    """`training.length_window` as the project trains model `name` (its block overrides)."""
+    parameters = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_training.yml").read_text())
+    shared = parameters["training"].get("length_window", TrainingConfig.length_window)
+    return int(parameters.get(name, {}).get("training", {}).get("length_window", shared))
 
 
 def main() -> int:
@@ -35,8 +43,9 @@ def main() -> int:
     parser.add_argument(
         "--length-window",
         type=int,
-        default=TrainingConfig.length_window,
-        help="training.length_window (batches per length-sorted window; 0 = plain shuffle)",
+        default=None,
+        help="training.length_window for every model (batches per length-sorted window, "
+        "0 = plain shuffle); default: each model's own from conf/base/parameters_training.yml",
     )
     parser.add_argument(
         "--fast-models",
@@ -70,12 +79,11 @@ def main() -> int:
     }
     print(
         f"\ndevice {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
-        f"{len(train):,} training samples, history <= {spec['max_history']}, "
-        f"length_window {args.length_window}"
+        f"{len(train):,} training samples, history <= {spec['max_history']}"
     )
     print(
-        f"{'model':8s} {'variant':14s} {'batch':>6s} {'samples/s':>11s} {'val AUC':>8s} "
-        f"{'params':>10s}"
+        f"{'model':8s} {'variant':14s} {'batch':>6s} {'window':>6s} {'samples/s':>11s} "
+        f"{'val AUC':>8s} {'params':>10s}"
     )
     rates: dict[tuple[str, str, int], float] = {}
     runs = [(name, "eager fp32") for name in args.models] + [
@@ -88,13 +96,16 @@ def main() -> int:
             seed_everything(2024)
             model = build_model(name, **sizes, **fixed_size(name))
             compiled, bf16 = variant == "compiled bf16", variant != "eager fp32"
+            window = (
+                project_length_window(name) if args.length_window is None else args.length_window
+            )
             config = TrainingConfig(
                 device=str(device),
                 # One extra epoch, timed alone: the first absorbs the compilation. AUC is read
                 # after `epochs` epochs, as for eager (same seed, same batches).
                 epochs=args.epochs + compiled,
                 batch_size=batch_size,
-                length_window=args.length_window,
+                length_window=window,
                 progress_bar=False,
                 patience=args.epochs + 1,
                 compile=compiled,
@@ -106,7 +117,7 @@ def main() -> int:
             rates[(name, variant, batch_size)] = rate
             parameters = sum(p.numel() for p in model.parameters())
             print(
-                f"{name:8s} {variant:14s} {batch_size:6d} {rate:11,.0f} "
+                f"{name:8s} {variant:14s} {batch_size:6d} {window:6d} {rate:11,.0f} "
                 f"{history['validation_auc'].iloc[args.epochs - 1]:8.4f} {parameters:10,d}",
                 flush=True,
             )

@@ -45,7 +45,7 @@ class TrainingConfig:
     bf16_on_gpu: bool = True
     bf16_on_cpu: bool = False
     compile: bool = False
-    length_window: int = 64
+    length_window: int = 0
     progress_bar: bool = True
 
     @classmethod
