@@ -128,6 +128,8 @@ class SampleTensors:
         shuffled order) and cut into batches, and, with `shuffle`, the batches are shuffled.
         A batch is as wide as its longest history, so this removes most of the padding that
         recurrences and attention run over; a window of many batches keeps them well mixed.
+        It also makes each batch's statistics (Dice's) unlike the whole split's: training
+        leaves it off for models that have them.
         """
         count = len(self)
         if shuffle:
