@@ -11,6 +11,9 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+# Kedro 1.7's config loader still calls OmegaConf's deprecated resolver API.
+warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", UserWarning)
+
 # The fixed size every benchmark target is stated at: history 50, embedding 32 for items and
 # for categories, attention unit 80-40 (DIN), MLP 200-80.
 HISTORY = 50
@@ -46,8 +49,6 @@ def build_features(
     logs an environment such as `movielens` reads).
     """
     quiet_kedro_logging()
-    # Kedro 1.7's config loader still calls OmegaConf's deprecated resolver API.
-    warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", UserWarning)
     from attention_ctr.sandbox import make_project_copy, run_pipeline
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-features-"))

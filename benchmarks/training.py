@@ -17,19 +17,23 @@ import argparse
 import sys
 
 import torch
-import yaml
 from _common import HISTORY, PROJECT_ROOT, build_features, fixed_size
+from kedro.config import OmegaConfigLoader
 
 from attention_ctr.models import build_model
+from attention_ctr.pipelines.training.nodes import training_config
 from attention_ctr.sequences import SampleTensors
+from attention_ctr.settings import CONFIG_LOADER_ARGS
 from attention_ctr.training import TrainingConfig, fit, pick_device, seed_everything
 
 
-def project_length_window(name: str) -> int:
-    """`training.length_window` as the project trains model `name` (its block overrides)."""
-    parameters = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_training.yml").read_text())
-    shared = parameters["training"].get("length_window", TrainingConfig.length_window)
-    return int(parameters.get(name, {}).get("training", {}).get("length_window", shared))
+def project_length_windows(names: list[str]) -> dict[str, int]:
+    """`training.length_window` as the project trains each model (conf/base, local on top)."""
+    parameters = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), **CONFIG_LOADER_ARGS)["parameters"]
+    return {
+        name: training_config(parameters["training"], parameters.get(name, {})).length_window
+        for name in names
+    }
 
 
 def main() -> int:
@@ -85,6 +89,11 @@ def main() -> int:
         f"{'model':8s} {'variant':14s} {'batch':>6s} {'window':>6s} {'samples/s':>11s} "
         f"{'val AUC':>8s} {'params':>10s}"
     )
+    windows = (
+        project_length_windows(args.models)
+        if args.length_window is None
+        else dict.fromkeys(args.models, args.length_window)
+    )
     rates: dict[tuple[str, str, int], float] = {}
     runs = [(name, "eager fp32") for name in args.models] + [
         (name, "compiled bf16" if name in args.compile_models else "bf16")
@@ -96,9 +105,7 @@ def main() -> int:
             seed_everything(2024)
             model = build_model(name, **sizes, **fixed_size(name))
             compiled, bf16 = variant == "compiled bf16", variant != "eager fp32"
-            window = (
-                project_length_window(name) if args.length_window is None else args.length_window
-            )
+            window = windows[name]
             config = TrainingConfig(
                 device=str(device),
                 # One extra epoch, timed alone: the first absorbs the compilation. AUC is read

@@ -221,7 +221,7 @@ class BST(CTRModel):
         """-> tokens `[B, S, d]` (target last) and `keep` `[B, S]` (True = real token).
 
         With `output="concat"` the history is padded to `max_history` (S = M + 1) unless `pad`
-        is False (then S = L + 1, see `_concat_features`).
+        is False (then S = L + 1, see `_concat_logits`).
         """
         mask = batch["mask"]
         batch_size, length = mask.shape

@@ -595,7 +595,6 @@ class _GatedRecurrence(torch.autograd.Function):
             d_hidden = torch.empty_like(factors)
             dh_all = torch.empty_like(candidates)  # dL/dh_t, all t
             dh = upstream[length - 1].clone()
-            weight_blocks = weight.view(3, size, size)
             for t in range(length - 1, -1, -1):
                 dh_all[t] = dh
                 torch.mul(dh.unsqueeze(1), factors[t], out=d_hidden[t])
@@ -603,7 +602,7 @@ class _GatedRecurrence(torch.autograd.Function):
                     dh = torch.addmm(
                         torch.addcmul(upstream[t - 1], dh, keep[t]),
                         d_hidden[t].view(batch, 3 * size),
-                        weight_blocks.view(3 * size, size),
+                        weight,
                     )
             d_hidden = d_hidden.view(length, batch, 3 * size)
             d_candidate = dh_all * gate_n  # dL/dz_n

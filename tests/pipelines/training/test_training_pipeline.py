@@ -35,6 +35,12 @@ def trained(tmp_path_factory):
     return project, catalog
 
 
+def split_tensors(catalog, *splits: str) -> list[SampleTensors]:
+    """`SampleTensors` of the named splits (`train`, `validation`, `test`) of a run."""
+    spec, events = catalog.load("feature_spec"), catalog.load("events")
+    return [SampleTensors(catalog.load(f"{split}_samples"), events, spec) for split in splits]
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_is_a_versioned_state_dict_that_reloads(trained, name):
     project, catalog = trained
@@ -45,8 +51,7 @@ def test_every_model_is_a_versioned_state_dict_that_reloads(trained, name):
     assert all(isinstance(v, torch.Tensor) for v in artifact["state_dict"].values())
 
     model = catalog.load(f"{name}.model")
-    spec = catalog.load("feature_spec")
-    test = SampleTensors(catalog.load("test_samples"), catalog.load("events"), spec)
+    (test,) = split_tensors(catalog, "test")
     probabilities = predict(model, test, 512)
     assert probabilities.shape == (len(test),) and np.isfinite(probabilities).all()
     history = catalog.load(f"{name}.training_history")
@@ -93,9 +98,7 @@ def test_compiled_bf16_training_learns_like_eager_float32(trained):
     """`training.compile` + `bf16_on_cpu` (the fast CPU path) reach eager float32's AUC."""
     _, catalog = trained
     spec = catalog.load("feature_spec")
-    events = catalog.load("events")
-    train = SampleTensors(catalog.load("train_samples"), events, spec)
-    validation = SampleTensors(catalog.load("validation_samples"), events, spec)
+    train, validation = split_tensors(catalog, "train", "validation")
     seed_everything(2024)
     model = build_model("din", **{key: spec[key] for key in FEATURE_KEYS})
     config = TrainingConfig(epochs=2, progress_bar=False, compile=True, bf16_on_cpu=True)
@@ -109,8 +112,7 @@ def test_compiled_bf16_training_learns_like_eager_float32(trained):
 def test_length_windows_cover_every_sample_once_with_less_padding(trained):
     """`training.length_window`: each epoch still sees every sample once, in seeded order."""
     _, catalog = trained
-    spec = catalog.load("feature_spec")
-    train = SampleTensors(catalog.load("train_samples"), catalog.load("events"), spec)
+    (train,) = split_tensors(catalog, "train")
 
     def epoch(window: int) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(7)
@@ -133,8 +135,7 @@ def test_length_windows_cover_every_sample_once_with_less_padding(trained):
 def test_predict_keeps_the_splits_order(trained):
     """`predict` batches by history length but returns scores in the split's own order."""
     _, catalog = trained
-    spec = catalog.load("feature_spec")
-    test = SampleTensors(catalog.load("test_samples"), catalog.load("events"), spec)
+    (test,) = split_tensors(catalog, "test")
     model = catalog.load("din.model").eval()
     with torch.no_grad():
         one_by_one = torch.cat(
@@ -147,9 +148,7 @@ def test_length_windowed_training_learns_like_plain_shuffling(trained):
     """BST's length windows (its parameters turn them on) reach a plain shuffle's AUC."""
     _, catalog = trained
     spec = catalog.load("feature_spec")
-    events = catalog.load("events")
-    train = SampleTensors(catalog.load("train_samples"), events, spec)
-    validation = SampleTensors(catalog.load("validation_samples"), events, spec)
+    train, validation = split_tensors(catalog, "train", "validation")
     aucs = []
     for window in (0, 64):
         seed_everything(2024)

@@ -22,14 +22,14 @@ from attention_ctr.training import (
 logger = logging.getLogger(__name__)
 
 
-def _training_config(training: dict, model_params: dict) -> TrainingConfig:
+def training_config(training: dict, model_params: dict) -> TrainingConfig:
     """Shared training parameters, overridden by the model's own `training` block."""
     return TrainingConfig.from_params({**training, **model_params.get("training", {})})
 
 
 def initialise_model(feature_spec: dict, model_params: dict, training: dict) -> nn.Module:
     """A freshly initialised, seeded model sized by the feature spec."""
-    config = _training_config(training, model_params)
+    config = training_config(training, model_params)
     seed_everything(config.seed)
     sizes = {
         "n_items": feature_spec["n_items"],
@@ -55,7 +55,7 @@ def fit_model(
     training: dict,
 ) -> tuple[nn.Module, pd.DataFrame]:
     """Train on the training split with early stopping on validation AUC."""
-    config = _training_config(training, model_params)
+    config = training_config(training, model_params)
     seed_everything(config.seed)
     device = pick_device(config.device)
     logger.info("Training %s on %s", model.name, device)
