@@ -512,6 +512,11 @@ def gated_recurrence(
     """
     if attention is None:
         attention = projected.new_empty(0)
+    if projected.device.type == "cpu" and projected.dtype != torch.float64:
+        from attention_ctr.models import cpu_kernels  # builds the C++ kernels on first use
+
+        if cpu_kernels.available():
+            return cpu_kernels.fused_gated_recurrence(projected, weight_hh, bias_hh, attention)
     return _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
 
 

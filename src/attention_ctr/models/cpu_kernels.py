@@ -1,0 +1,144 @@
+"""Fused C++ kernels for CPU training, built on first use with `torch.utils.cpp_extension`.
+
+`kernels/gated_recurrence.cpp` runs the GRU / AUGRU time loop of `layers.gated_recurrence`
+with one MKL matmul and one fused pass over the batch per step, forward and backward (about
+2.5x faster than the eager version on 2 cores). The build takes a few seconds once per
+machine and torch version, cached under torch's extensions directory (`TORCH_EXTENSIONS_DIR`).
+
+Without a C++ compiler, when the build fails, or with `ATTENTION_CTR_CPU_KERNELS=0`, training
+uses the eager torch implementation (same equations): `available()` says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from attention_ctr.models.layers import column_sums
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "gated_recurrence.cpp"
+ENV_SWITCH = "ATTENTION_CTR_CPU_KERNELS"
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is on PATH ($CXX, g++, c++ or clang++)."""
+    names = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
+    return any(shutil.which(name) for name in names if name)
+
+
+def _cpu_tag() -> str:
+    """The build uses -march=native: key it by CPU so a shared home never runs the wrong one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja`; the PyPI package's binary is not on PATH outside a venv shell."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
+def available() -> bool:
+    """Build (once per process, from the cache after the first time) and load the kernels."""
+    if "loaded" in _state:
+        return _state["loaded"]
+    with _lock:
+        if "loaded" not in _state:
+            _state["loaded"] = _load()
+    return _state["loaded"]
+
+
+def _load() -> bool:
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    if not has_cxx_compiler():
+        logger.warning("No C++ compiler: DIEN's recurrences train with the slower eager code")
+        return False
+    _put_ninja_on_path()
+    from torch.utils.cpp_extension import load
+
+    name = f"attention_ctr_kernels_{_cpu_tag()}"
+    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+    if platform.machine() not in {"x86_64", "AMD64"}:
+        flags.remove("-mprefer-vector-width=512")
+    try:
+        load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any build failure falls back to eager torch
+        logger.warning(
+            "Fused CPU kernels did not build (%s: %s); DIEN's recurrences train with the "
+            "slower eager code. Set %s=0 to skip the attempt.",
+            type(error).__name__,
+            str(error).strip().splitlines()[-1] if str(error).strip() else "",
+            ENV_SWITCH,
+        )
+        return False
+    return True
+
+
+class FusedGatedRecurrence(torch.autograd.Function):
+    """`layers.gated_recurrence` in float32 through the C++ kernels (same arguments, same
+    result up to float rounding and the kernels' tanh)."""
+
+    @staticmethod
+    def forward(ctx, projected, attention, weight_hh, bias_hh):  # type: ignore[override]
+        ops = torch.ops.attention_ctr_kernels
+        with torch.autocast("cpu", enabled=False):
+            weight = weight_hh.float()
+            a = attention.float()
+            states, saved = ops.gated_forward(projected.float(), weight, bias_hh.float(), a)
+        ctx.save_for_backward(states, saved, weight, a)
+        ctx.dtypes = (projected.dtype, attention.dtype, weight_hh.dtype, bias_hh.dtype)
+        return states[1:].transpose(0, 1)  # [B, L, H] view
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states):  # type: ignore[override]
+        states, saved, weight, attention = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            d_projected, d_hidden, d_attention = torch.ops.attention_ctr_kernels.gated_backward(
+                grad_states.float(), states, saved, weight, attention
+            )
+            flat = d_hidden.view(-1, d_hidden.shape[-1])  # [L * B, 3H]
+            d_weight = flat.t() @ states[:-1].reshape(-1, states.shape[-1])
+            d_bias = column_sums(flat)
+        projected_dtype, attention_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            d_projected.to(projected_dtype),
+            d_attention.to(attention_dtype) if attention.numel() else None,
+            d_weight.to(weight_dtype),
+            d_bias.to(bias_dtype),
+        )
+
+
+def fused_gated_recurrence(
+    projected: Tensor, weight_hh: Tensor, bias_hh: Tensor, attention: Tensor
+) -> Tensor:
+    """All states `[B, L, H]`; `attention` empty for the GRU (see `layers.gated_recurrence`)."""
+    return FusedGatedRecurrence.apply(projected, attention, weight_hh, bias_hh)

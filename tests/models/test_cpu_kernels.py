@@ -1,0 +1,93 @@
+"""The fused C++ recurrence kernels against the eager torch implementation they replace."""
+
+import pytest
+import torch
+
+from attention_ctr.models import cpu_kernels
+from attention_ctr.models.layers import _GatedRecurrence, gated_recurrence
+
+needs_kernels = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="the fused CPU kernels need a C++ compiler"
+)
+
+
+def _inputs(batch, length, size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    projected = torch.randn(batch, length, 3 * size, generator=generator)
+    weight = torch.randn(3 * size, size, generator=generator) * size**-0.5
+    bias = torch.randn(3 * size, generator=generator) * 0.1
+    attention = torch.rand(batch, length, generator=generator)
+    upstream = torch.randn(batch, length, size, generator=generator)
+    return projected, weight, bias, attention, upstream
+
+
+def _states_and_grads(function, projected, weight, bias, attention, upstream):
+    leaves = [x.clone().requires_grad_() for x in (projected, weight, bias, attention)]
+    projected, weight, bias, attention = leaves
+    augru = attention if attention.numel() else attention.new_empty(0)
+    states = function(projected, augru, weight, bias)
+    wanted = [projected, weight, bias] + ([attention] if attention.numel() else [])
+    return states, torch.autograd.grad(states, wanted, upstream)
+
+
+@needs_kernels
+@pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
+@pytest.mark.parametrize("batch,length,size", [(37, 9, 5), (64, 1, 16), (3, 50, 64)])
+def test_fused_recurrence_matches_eager(augru, batch, length, size):
+    """Same states and gradients (projections, attention, U, b_h) as the eager version, for
+    batches that are not a multiple of a task's rows and widths that are not a vector's."""
+    projected, weight, bias, attention, upstream = _inputs(batch, length, size)
+    if not augru:
+        attention = attention.new_empty(0)
+    fused = _states_and_grads(
+        cpu_kernels.FusedGatedRecurrence.apply, projected, weight, bias, attention, upstream
+    )
+    eager = _states_and_grads(_GatedRecurrence.apply, projected, weight, bias, attention, upstream)
+    torch.testing.assert_close(fused[0], eager[0], atol=2e-6, rtol=1e-5)
+    for got, want in zip(fused[1], eager[1]):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+@needs_kernels
+def test_fused_augru_zero_attention_keeps_the_state_exactly():
+    projected, weight, bias, attention, _ = _inputs(8, 6, 4)
+    attention[:, 3:] = 0.0  # padding after step 3
+    states = cpu_kernels.fused_gated_recurrence(projected, weight, bias, attention)
+    for t in range(3, 6):
+        assert torch.equal(states[:, t], states[:, 2])
+
+
+@needs_kernels
+def test_gated_recurrence_uses_the_kernels_for_float32_on_cpu():
+    projected, weight, bias, attention, _ = _inputs(4, 3, 2)
+    projected.requires_grad_()
+    states = gated_recurrence(projected, weight, bias, attention)
+    assert type(states.grad_fn).__name__ == "FusedGatedRecurrenceBackward"
+    # float64 keeps the eager version (exact, for gradcheck)
+    states = gated_recurrence(projected.double(), weight.double(), bias.double())
+    assert type(states.grad_fn).__name__ == "_GatedRecurrenceBackward"
+
+
+@needs_kernels
+def test_kernels_reject_other_dtypes_by_name():
+    projected, weight, bias, attention, _ = _inputs(2, 2, 2)
+    with pytest.raises(RuntimeError, match="must be a float32 CPU tensor"):
+        torch.ops.attention_ctr_kernels.gated_forward(projected.double(), weight, bias, attention)
+
+
+def test_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not cpu_kernels.available()
+    projected, weight, bias, attention, _ = _inputs(4, 3, 2)
+    states = gated_recurrence(projected.requires_grad_(), weight, bias, attention)
+    assert type(states.grad_fn).__name__ == "_GatedRecurrenceBackward"
+
+
+def test_without_a_compiler_training_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(cpu_kernels, "has_cxx_compiler", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert not cpu_kernels.available()
+    assert "No C++ compiler" in caplog.text
