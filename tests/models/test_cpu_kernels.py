@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attention_ctr.models import cpu_kernels
-from attention_ctr.models.layers import _GatedRecurrence, gated_recurrence
+from attention_ctr.models.layers import MLP, _GatedRecurrence, gated_recurrence
 
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels.available(), reason="the fused CPU kernels need a C++ compiler"
@@ -91,3 +92,56 @@ def test_without_a_compiler_training_falls_back(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert not cpu_kernels.available()
     assert "No C++ compiler" in caplog.text
+
+
+@needs_kernels
+@pytest.mark.parametrize("tiles", [0, 1, 3], ids=["no addend", "addend", "addend tiled 3x"])
+def test_fused_bias_prelu_matches_eager(tiles):
+    """PReLU(z + b + addend[r % M]) and its gradients (z, b, slopes, addend) against torch."""
+    generator = torch.Generator().manual_seed(0)
+    rows, columns = 301, 7  # not a multiple of a block's rows, nor of a vector's width
+    period = rows if tiles <= 1 else 100
+    total = period * max(tiles, 1)
+    z = torch.randn(total, columns, generator=generator, requires_grad=True)
+    bias = torch.randn(columns, generator=generator, requires_grad=True)
+    slope = torch.rand(columns, generator=generator, requires_grad=True)
+    addend = torch.randn(period, columns, generator=generator, requires_grad=True)
+    upstream = torch.randn(total, columns, generator=generator)
+    leaves = [z, bias, slope] + ([addend] if tiles else [])
+
+    fused = cpu_kernels.bias_prelu(z, bias, slope, addend if tiles else None)
+    x = z + bias
+    if tiles:
+        x = (x.view(-1, period, columns) + addend).view(total, columns)
+    eager = F.prelu(x, slope)
+    torch.testing.assert_close(fused, eager)
+    for got, want in zip(
+        torch.autograd.grad(fused, leaves, upstream), torch.autograd.grad(eager, leaves, upstream)
+    ):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_mlp_fuses_prelu_layers_only_in_float32_cpu_training():
+    torch.manual_seed(0)
+    mlp = MLP(6, [5, 4], "prelu", out_features=1)
+    x = torch.randn(9, 6)
+    fused = mlp(x)
+    with torch.no_grad():
+        reference = mlp(x)  # eval-style path: F.prelu, no kernels
+    torch.testing.assert_close(fused, reference)
+    assert "FusedBiasPReLUBackward" in _graph_nodes(fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "FusedBiasPReLUBackward" not in _graph_nodes(mlp(x))
+
+
+def _graph_nodes(output):
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names

@@ -162,13 +162,14 @@ class DIEN(CTRModel):
             state, clicked, sampled = rows(state), rows(clicked), rows(sampled)
             weights = weights.reshape(2, -1).index_select(1, index)  # [2, N]
         # aux_net on [h_t, e_{t+1}] and [h_t, ê_{t+1}]; its first Linear is split as
-        # W [h, e] + b = (W_h h + b) + W_e e so the h_t part is computed once for both.
+        # W [h, e] + b = W_h h + W_e e + b so the h_t part is computed once for both.
         first = self.aux_net.linears[0]
         w_state, w_behaviour = first.weight.split([states.shape[-1], history.shape[-1]], dim=1)
-        state_part = F.linear(state, w_state, first.bias)  # [..., A]
+        state_part = F.linear(state.reshape(-1, state.shape[-1]), w_state)  # [rows, A]
         next_behaviours = torch.stack([clicked, sampled]).to(state_part.dtype)  # [2, ..., E]
-        hidden = F.linear(next_behaviours, w_behaviour) + state_part
-        logits = self.aux_net.after_first_linear(hidden).squeeze(-1).float()  # [2, ...]
+        product = F.linear(next_behaviours.reshape(-1, history.shape[-1]), w_behaviour)
+        logits = self.aux_net.after_first_product(product, addend=state_part)
+        logits = logits.view(2, *state.shape[:-1]).float()  # [2, ...]
         labels = torch.stack([torch.ones_like(logits[0]), torch.zeros_like(logits[1])])
         losses = F.binary_cross_entropy_with_logits(logits, labels, weights, reduction="sum")
         return self.aux_weight * losses / valid.sum().clamp_min(1)

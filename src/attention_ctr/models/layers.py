@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attention_ctr.models import cpu_kernels
+
 Batch = Mapping[str, Tensor]
 
 #: Keys of the feature spec (feature engineering's `feature_spec`) every model constructor takes.
@@ -327,10 +329,37 @@ class MLP(nn.Module):
 
     def after_first_linear(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The rest of `forward`, from the first Linear's output `[..., hidden[0]]`."""
-        for index, activation in enumerate(self.activations):
-            if index:
-                x = self.linears[index](x)
-            x = self.dropout(activation(x, mask))
+        return self._rest(self.dropout(self.activations[0](x, mask)), mask)
+
+    def after_first_product(self, product: Tensor, addend: Tensor | None = None) -> Tensor:
+        """The rest of `forward` from the first Linear's product W x `[R, hidden[0]]` WITHOUT
+        its bias, plus `addend` `[M, hidden[0]]` tiled over the rows (row r gets addend[r % M];
+        M divides R). On CPU training with PReLU, bias, addend and activation are one pass."""
+        if self._fuses(0, product):
+            x = cpu_kernels.bias_prelu(
+                product, self.linears[0].bias, self.activations[0].weight, addend
+            )
+        else:
+            x = product + self.linears[0].bias
+            if addend is not None:
+                x = (x.view(-1, *addend.shape) + addend).view(product.shape)
+            x = self.activations[0](x)
+        return self._rest(self.dropout(x))
+
+    def _fuses(self, index: int, x: Tensor) -> bool:
+        return isinstance(self.activations[index], PReLU) and x.dim() == 2 and cpu_kernels.usable(x)
+
+    def _rest(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Hidden layers 1.. and the output Linear on the first hidden layer's output."""
+        for index in range(1, len(self.linears)):
+            linear, activation = self.linears[index], self.activations[index]
+            if self._fuses(index, x):
+                x = cpu_kernels.bias_prelu(
+                    F.linear(x, linear.weight), linear.bias, activation.weight
+                )
+            else:
+                x = activation(linear(x), mask)
+            x = self.dropout(x)
         return self.output(x) if self.output is not None else x
 
 
@@ -513,9 +542,7 @@ def gated_recurrence(
     if attention is None:
         attention = projected.new_empty(0)
     if projected.device.type == "cpu" and projected.dtype != torch.float64:
-        from attention_ctr.models import cpu_kernels  # builds the C++ kernels on first use
-
-        if cpu_kernels.available():
+        if cpu_kernels.available():  # builds the C++ kernels on first use
             return cpu_kernels.fused_gated_recurrence(projected, weight_hh, bias_hh, attention)
     return _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
 

@@ -1,6 +1,6 @@
-// Fused CPU kernels for the GRU / AUGRU recurrence in training (see cpu_kernels.py).
+// Fused CPU kernels for training (see cpu_kernels.py): the GRU / AUGRU recurrence and PReLU.
 //
-// Each time step is one MKL addmm for the hidden matmul plus ONE pass over the batch rows
+// Recurrence: each time step is one MKL addmm for the hidden matmul plus ONE pass over the batch rows
 // (torch's own thread pool, at::parallel_for) that computes every gate, the new state and what
 // the backward needs. Eager torch spends ~10 ops per step on the same work, and its backward
 // ~15 extra passes over [L, B, H] tensors. float32 only; rows are independent, so results do
@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 namespace {
@@ -186,9 +187,118 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_backward(const at::Tensor& 
   return {d_projected, d_hidden, d_attention};
 }
 
+constexpr int64_t kRowsPerBlock = 256;  // column sums: fixed row blocks, summed in order
+
+void bias_prelu_rows(int64_t begin, int64_t end, int64_t columns, int64_t period,
+                     const float* __restrict__ z, const float* __restrict__ bias,
+                     const float* __restrict__ slope, const float* __restrict__ addend,
+                     float* __restrict__ h, float* __restrict__ out) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* __restrict__ zr = z + r * columns;
+    float* __restrict__ hr = h + r * columns;
+    float* __restrict__ outr = out + r * columns;
+    if (addend) {
+      const float* __restrict__ ar = addend + (r % period) * columns;
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) {
+        const float x = zr[c] + bias[c] + ar[c];
+        hr[c] = x;
+        outr[c] = x > 0.f ? x : slope[c] * x;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) {
+        const float x = zr[c] + bias[c];
+        hr[c] = x;
+        outr[c] = x > 0.f ? x : slope[c] * x;
+      }
+    }
+  }
+}
+
+// Rows [begin, end) of the PReLU backward; adds this block's column sums to d_bias, d_slope.
+void prelu_backward_rows(int64_t begin, int64_t end, int64_t columns,
+                         const float* __restrict__ grad, const float* __restrict__ h,
+                         const float* __restrict__ slope, float* __restrict__ dz,
+                         float* __restrict__ d_bias, float* __restrict__ d_slope) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* __restrict__ gr = grad + r * columns;
+    const float* __restrict__ hr = h + r * columns;
+    float* __restrict__ dr = dz + r * columns;
+#pragma omp simd
+    for (int64_t c = 0; c < columns; ++c) {
+      const bool positive = hr[c] > 0.f;
+      const float d = positive ? gr[c] : slope[c] * gr[c];
+      dr[c] = d;
+      d_bias[c] += d;
+      d_slope[c] += positive ? 0.f : gr[c] * hr[c];
+    }
+  }
+}
+
+// out = PReLU(z + bias + addend[r % M]) for z [R, C], bias and slope [C], addend [M, C] with
+// R a multiple of M (or empty): the Linear's bias and a broadcast sum fused into one pass.
+// -> (out, h = the PReLU's input, saved for the backward).
+std::tuple<at::Tensor, at::Tensor> bias_prelu_forward(const at::Tensor& z_in,
+                                                      const at::Tensor& bias,
+                                                      const at::Tensor& slope,
+                                                      const at::Tensor& addend_in) {
+  for (const auto* x : {&z_in, &bias, &slope, &addend_in}) check(*x, "input");
+  const auto z = z_in.contiguous();
+  const auto addend = addend_in.contiguous();
+  const int64_t rows = z.size(0), columns = z.size(1);
+  const int64_t period = addend.numel() ? addend.size(0) : 0;
+  TORCH_CHECK(!period || (rows % period == 0 && addend.size(1) == columns),
+              "bias_prelu_forward: addend [M, C] must tile z [R, C]");
+  auto out = at::empty_like(z);
+  auto h = at::empty_like(z);
+  const float* zp = z.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  const float* sp = slope.data_ptr<float>();
+  const float* ap = period ? addend.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    bias_prelu_rows(begin, end, columns, period, zp, bp, sp, ap, hp, op);
+  });
+  return {out, h};
+}
+
+// Backward of bias_prelu_forward: -> (dL/dz [R, C], dL/dbias [C], dL/dslope [C],
+// dL/daddend [M, C] (summed over the rows that share it; empty without an addend)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_prelu_backward(
+    const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& slope, int64_t period) {
+  for (const auto* x : {&grad_in, &h, &slope}) check(*x, "input");
+  const auto grad = grad_in.contiguous();
+  const int64_t rows = h.size(0), columns = h.size(1);
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  auto dz = at::empty_like(h);
+  auto partial = at::zeros({blocks, 2, columns}, h.options());  // d bias, d slope per block
+  const float* gp = grad.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  const float* sp = slope.data_ptr<float>();
+  float* dp = dz.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kRowsPerBlock, last = std::min(rows, first + kRowsPerBlock);
+      float* d_bias = pp + block * 2 * columns;
+      prelu_backward_rows(first, last, columns, gp, hp, sp, dp, d_bias, d_bias + columns);
+    }
+  });
+  auto sums = partial.sum(0);  // [2, C], blocks in order
+  auto d_addend = period ? dz.view({rows / period, period, columns}).sum(0)
+                         : at::empty({0, columns}, h.options());
+  return {dz, sums[0], sums[1], d_addend};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("bias_prelu_forward(Tensor z, Tensor bias, Tensor slope, Tensor addend)"
+        " -> (Tensor, Tensor)");
+  m.def("bias_prelu_backward(Tensor grad, Tensor h, Tensor slope, int period)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_forward(Tensor projected, Tensor weight, Tensor bias, Tensor attention)"
         " -> (Tensor, Tensor)");
   m.def("gated_backward(Tensor upstream, Tensor states, Tensor saved, Tensor weight,"
@@ -198,4 +308,6 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
   m.impl("gated_forward", &gated_forward);
   m.impl("gated_backward", &gated_backward);
+  m.impl("bias_prelu_forward", &bias_prelu_forward);
+  m.impl("bias_prelu_backward", &bias_prelu_backward);
 }
