@@ -14,6 +14,7 @@ from attention_ctr.models.layers import (
     DINAttention,
     PReLU,
     gated_recurrence,
+    gather_positions,
     masked_softmax,
     minibatch_aware_l2,
 )
@@ -352,3 +353,36 @@ def test_minibatch_aware_l2_counts_each_present_row_once_over_its_frequency():
     term.backward()
     touched = weight.grad.abs().sum(1) != 0
     assert touched.tolist() == [False, False, True, False, True, False]
+
+
+def test_gather_positions_is_advanced_indexing_in_value_and_gradient():
+    torch.manual_seed(0)
+    base = torch.randn(4, 7, 3, dtype=torch.double, requires_grad=True)
+    x = base[:, 1:6]  # a strided [4, 5, 3] view, as DIEN's shifted slices
+    row, position = torch.tensor([0, 0, 2, 3, 3]), torch.tensor([0, 4, 1, 2, 3])
+    gathered = gather_positions(x, row, position)
+    torch.testing.assert_close(gathered, x[row, position])
+    upstream = torch.randn_like(gathered)
+    (got,) = torch.autograd.grad(gathered, base, upstream)
+    (want,) = torch.autograd.grad(x[row, position], base, upstream)
+    torch.testing.assert_close(got, want)
+
+
+def test_behavior_embedding_gradients_reach_each_lookup():
+    """target, history and negatives come from one lookup split three ways: each piece's
+    gradient lands on its own ids (and none on the padding row)."""
+    embedding = BehaviorEmbedding(6, 3, 2)
+    batch = {
+        "target_item": torch.tensor([1]),
+        "target_category": torch.tensor([1]),
+        "hist_item": torch.tensor([[2, 3]]),
+        "hist_category": torch.tensor([[2, 2]]),
+        "mask": torch.tensor([[True, False]]),
+        "neg_item": torch.tensor([[4, 5]]),
+        "neg_category": torch.tensor([[3, 3]]),
+    }
+    target, history, negative = embedding.lookup(batch, negatives=True)
+    (target.sum() + 2 * history.sum() + 3 * negative.sum()).backward()
+    grad = embedding.item_embedding.weight.grad[:, 0]
+    # item 3 and negative 5 sit on the padded position: they read as the padding row
+    torch.testing.assert_close(grad, torch.tensor([0.0, 1.0, 2.0, 0.0, 3.0, 0.0, 0.0]))

@@ -52,6 +52,7 @@ from attention_ctr.models.layers import (
     CTRModel,
     capture_config,
     gated_recurrence,
+    gather_positions,
     masked_mean,
     masked_softmax,
     pad_positions,
@@ -154,13 +155,11 @@ class DIEN(CTRModel):
         state, clicked, sampled = states[:, :-1], history[:, 1:], negative[:, 1:]
         weights = torch.stack([valid, valid_negative]).float()  # [2, B, L-1]
         if history.device.type == "cpu" and not bool(valid.all()):
-            index = valid.reshape(-1).nonzero().squeeze(1)
-
-            def rows(x: Tensor) -> Tensor:
-                return x.reshape(-1, x.shape[-1]).index_select(0, index)
-
-            state, clicked, sampled = rows(state), rows(clicked), rows(sampled)
-            weights = weights.reshape(2, -1).index_select(1, index)  # [2, N]
+            row, step = valid.nonzero(as_tuple=True)
+            state = gather_positions(states, row, step)
+            clicked = gather_positions(history, row, step + 1)
+            sampled = gather_positions(negative, row, step + 1)
+            weights = weights[:, row, step]  # [2, N]
         # aux_net on [h_t, e_{t+1}] and [h_t, ê_{t+1}]; its first Linear is split as
         # W [h, e] + b = W_h h + W_e e + b so the h_t part is computed once for both.
         first = self.aux_net.linears[0]

@@ -110,11 +110,14 @@ class BehaviorEmbedding(nn.Module):
             items.append(batch["neg_item"].masked_fill(~real, 0))
             categories.append(batch["neg_category"].masked_fill(~real, 0))
         vectors = self.items(torch.cat(items, dim=1), torch.cat(categories, dim=1))
-        target, history = vectors[:, 0], vectors[:, 1 : 1 + length]
+        # split, not slicing: its backward concatenates the pieces' gradients in one pass
+        # instead of zero-filling a full-size gradient for each slice and adding them up
+        pieces = vectors.split([1, length, length] if negatives else [1, length], dim=1)
+        target, history = pieces[0].squeeze(1), pieces[1]
         if self.behavior_embedding is not None:
             behavior = batch["hist_behavior"].masked_fill(~mask, 0)
             history = history + self.behavior_embedding(behavior)
-        return target, history, vectors[:, 1 + length :] if negatives else None
+        return target, history, pieces[2] if negatives else None
 
     def target(self, batch: Batch) -> Tensor:
         """`[B, E]` target vectors."""
@@ -129,6 +132,29 @@ def column_sums(x: Tensor) -> Tensor:
     """`x.sum(0)` of a 2-D `x` `[N, C]` as a matrix-vector product: on the CPU, BLAS's gemv
     reads a tall matrix about 3x faster than torch's reduction over dim 0."""
     return torch.mv(x.t(), x.new_ones(x.shape[0]))
+
+
+def gather_positions(x: Tensor, row: Tensor, position: Tensor) -> Tensor:
+    """`x[row, position]` -> `[N, ...]` for `x` `[B, L, ...]` of any strides and DISTINCT
+    (row, position) pairs. Unlike reshape + index_select it copies no shifted slice, and its
+    backward writes each row once (no accumulating scatter, which sorts on CPU)."""
+    return _GatherPositions.apply(x, row, position)
+
+
+class _GatherPositions(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, row, position):  # type: ignore[override]
+        ctx.save_for_backward(row, position)
+        ctx.shape = x.shape
+        return x[row, position]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        row, position = ctx.saved_tensors
+        grad_x = grad.new_zeros(ctx.shape)
+        grad_x[row, position] = grad  # pairs are distinct: a plain write
+        return grad_x, None, None
 
 
 class Dice(nn.Module):
