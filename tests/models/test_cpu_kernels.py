@@ -14,20 +14,29 @@ needs_kernels = pytest.mark.skipif(
 
 def _inputs(batch, length, size, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    projected = torch.randn(batch, length, 3 * size, generator=generator)
-    weight = torch.randn(3 * size, size, generator=generator) * size**-0.5
-    bias = torch.randn(3 * size, generator=generator) * 0.1
+    x = torch.randn(batch, length, 3, generator=generator)
+    weight_ih = torch.randn(3 * size, 3, generator=generator)
+    bias_ih = torch.randn(3 * size, generator=generator) * 0.1
+    weight_hh = torch.randn(3 * size, size, generator=generator) * size**-0.5
+    bias_hh = torch.randn(3 * size, generator=generator) * 0.1
     attention = torch.rand(batch, length, generator=generator)
     upstream = torch.randn(batch, length, size, generator=generator)
-    return projected, weight, bias, attention, upstream
+    return (x, weight_ih, bias_ih, weight_hh, bias_hh), attention, upstream
 
 
-def _states_and_grads(function, projected, weight, bias, attention, upstream):
-    leaves = [x.clone().requires_grad_() for x in (projected, weight, bias, attention)]
-    projected, weight, bias, attention = leaves
-    augru = attention if attention.numel() else attention.new_empty(0)
-    states = function(projected, augru, weight, bias)
-    wanted = [projected, weight, bias] + ([attention] if attention.numel() else [])
+def _eager(x, weight_ih, bias_ih, weight_hh, bias_hh, attention=None):
+    """`gated_recurrence` without the kernels: the hand-written torch version."""
+    attention = x.new_empty(0) if attention is None else attention
+    projected = F.linear(x, weight_ih, bias_ih)
+    return _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
+
+
+def _states_and_grads(function, inputs, attention, upstream):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    if attention is not None:
+        attention = attention.clone().requires_grad_()
+    states = function(*leaves, attention)
+    wanted = leaves + ([attention] if attention is not None else [])
     return states, torch.autograd.grad(states, wanted, upstream)
 
 
@@ -35,15 +44,13 @@ def _states_and_grads(function, projected, weight, bias, attention, upstream):
 @pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
 @pytest.mark.parametrize("batch,length,size", [(37, 9, 5), (64, 1, 16), (3, 50, 64)])
 def test_fused_recurrence_matches_eager(augru, batch, length, size):
-    """Same states and gradients (projections, attention, U, b_h) as the eager version, for
-    batches that are not a multiple of a task's rows and widths that are not a vector's."""
-    projected, weight, bias, attention, upstream = _inputs(batch, length, size)
-    if not augru:
-        attention = attention.new_empty(0)
-    fused = _states_and_grads(
-        cpu_kernels.FusedGatedRecurrence.apply, projected, weight, bias, attention, upstream
-    )
-    eager = _states_and_grads(_GatedRecurrence.apply, projected, weight, bias, attention, upstream)
+    """Same states and gradients (input, W_i, b_i, U, b_h, attention) as the eager version,
+    for batches that are not a multiple of a task's rows and widths that are not a vector's."""
+    inputs, attention, upstream = _inputs(batch, length, size)
+    attention = attention if augru else None
+    fused = _states_and_grads(gated_recurrence, inputs, attention, upstream)
+    eager = _states_and_grads(_eager, inputs, attention, upstream)
+    assert type(fused[0].grad_fn).__name__ == "FusedGatedRecurrenceBackward"
     torch.testing.assert_close(fused[0], eager[0], atol=2e-6, rtol=1e-5)
     for got, want in zip(fused[1], eager[1]):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
@@ -51,37 +58,40 @@ def test_fused_recurrence_matches_eager(augru, batch, length, size):
 
 @needs_kernels
 def test_fused_augru_zero_attention_keeps_the_state_exactly():
-    projected, weight, bias, attention, _ = _inputs(8, 6, 4)
+    inputs, attention, _ = _inputs(8, 6, 4)
     attention[:, 3:] = 0.0  # padding after step 3
-    states = cpu_kernels.fused_gated_recurrence(projected, weight, bias, attention)
+    states = gated_recurrence(*inputs, attention)
     for t in range(3, 6):
         assert torch.equal(states[:, t], states[:, 2])
 
 
 @needs_kernels
 def test_gated_recurrence_uses_the_kernels_for_float32_on_cpu():
-    projected, weight, bias, attention, _ = _inputs(4, 3, 2)
-    projected.requires_grad_()
-    states = gated_recurrence(projected, weight, bias, attention)
+    inputs, attention, _ = _inputs(4, 3, 2)
+    x, *weights = inputs
+    states = gated_recurrence(x.requires_grad_(), *weights, attention)
     assert type(states.grad_fn).__name__ == "FusedGatedRecurrenceBackward"
     # float64 keeps the eager version (exact, for gradcheck)
-    states = gated_recurrence(projected.double(), weight.double(), bias.double())
+    states = gated_recurrence(*(t.double() for t in inputs))
     assert type(states.grad_fn).__name__ == "_GatedRecurrenceBackward"
 
 
 @needs_kernels
 def test_kernels_reject_other_dtypes_by_name():
-    projected, weight, bias, attention, _ = _inputs(2, 2, 2)
+    (x, weight_ih, bias_ih, weight_hh, bias_hh), attention, _ = _inputs(2, 2, 2)
+    projected = F.linear(x, weight_ih).double()
     with pytest.raises(RuntimeError, match="must be a float32 CPU tensor"):
-        torch.ops.attention_ctr_kernels.gated_forward(projected.double(), weight, bias, attention)
+        torch.ops.attention_ctr_kernels.gated_forward(
+            projected, bias_ih, weight_hh, bias_hh, attention
+        )
 
 
 def test_switch_turns_the_kernels_off(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     assert not cpu_kernels.available()
-    projected, weight, bias, attention, _ = _inputs(4, 3, 2)
-    states = gated_recurrence(projected.requires_grad_(), weight, bias, attention)
+    (x, *weights), attention, _ = _inputs(4, 3, 2)
+    states = gated_recurrence(x.requires_grad_(), *weights, attention)
     assert type(states.grad_fn).__name__ == "_GatedRecurrenceBackward"
 
 

@@ -309,8 +309,8 @@ def test_gated_recurrence_without_attention_is_nn_gru():
     gru = torch.nn.GRU(5, 4, batch_first=True).double()
     x = torch.randn(3, 7, 5, dtype=torch.double, requires_grad=True)
     expected, _ = gru(x)
-    projected = F.linear(x, gru.weight_ih_l0, gru.bias_ih_l0)
-    states = gated_recurrence(projected, gru.weight_hh_l0, gru.bias_hh_l0)
+    weights = (gru.weight_ih_l0, gru.bias_ih_l0, gru.weight_hh_l0, gru.bias_hh_l0)
+    states = gated_recurrence(x, *weights)
     torch.testing.assert_close(states, expected)
     upstream = torch.randn(3, 7, 4, dtype=torch.double)
     inputs = [x, *gru.parameters()]

@@ -106,18 +106,24 @@ def _load() -> bool:
 
 
 class FusedGatedRecurrence(torch.autograd.Function):
-    """`layers.gated_recurrence` in float32 through the C++ kernels (same arguments, same
-    result up to float rounding and the kernels' tanh)."""
+    """`layers.gated_recurrence` in float32 through the C++ kernels, from the input projection
+    W_i x `[B, L, 3H]` WITHOUT its bias (added in the kernel, as its gradient is summed there)."""
 
     @staticmethod
-    def forward(ctx, projected, attention, weight_hh, bias_hh):  # type: ignore[override]
-        ops = torch.ops.attention_ctr_kernels
+    def forward(ctx, projected, bias_ih, attention, weight_hh, bias_hh):  # type: ignore[override]
         with torch.autocast("cpu", enabled=False):
-            weight = weight_hh.float()
-            a = attention.float()
-            states, saved = ops.gated_forward(projected.float(), weight, bias_hh.float(), a)
+            weight, a = weight_hh.float(), attention.float()
+            states, saved = torch.ops.attention_ctr_kernels.gated_forward(
+                projected.float(), bias_ih.float(), weight, bias_hh.float(), a
+            )
         ctx.save_for_backward(states, saved, weight, a)
-        ctx.dtypes = (projected.dtype, attention.dtype, weight_hh.dtype, bias_hh.dtype)
+        ctx.dtypes = (
+            projected.dtype,
+            bias_ih.dtype,
+            attention.dtype,
+            weight_hh.dtype,
+            bias_hh.dtype,
+        )
         return states[1:].transpose(0, 1)  # [B, L, H] view
 
     @staticmethod
@@ -125,26 +131,26 @@ class FusedGatedRecurrence(torch.autograd.Function):
     def backward(ctx, grad_states):  # type: ignore[override]
         states, saved, weight, attention = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
-            d_projected, d_hidden, d_attention = torch.ops.attention_ctr_kernels.gated_backward(
-                grad_states.float(), states, saved, weight, attention
+            d_projected, d_hidden, d_attention, d_bias_ih, d_bias_hh = (
+                torch.ops.attention_ctr_kernels.gated_backward(
+                    grad_states.float(), states, saved, weight, attention
+                )
             )
-            flat = d_hidden.view(-1, d_hidden.shape[-1])  # [L * B, 3H]
-            d_weight = flat.t() @ states[:-1].reshape(-1, states.shape[-1])
-            d_bias = torch.mv(flat.t(), flat.new_ones(flat.shape[0]))  # column sums, as gemv
-        projected_dtype, attention_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        return (
-            d_projected.to(projected_dtype),
-            d_attention.to(attention_dtype) if attention.numel() else None,
-            d_weight.to(weight_dtype),
-            d_bias.to(bias_dtype),
+            d_weight = d_hidden.view(-1, d_hidden.shape[-1]).t() @ states[:-1].reshape(
+                -1, states.shape[-1]
+            )
+        gradients = (d_projected, d_bias_ih, d_attention, d_weight, d_bias_hh)
+        return tuple(
+            None if x is None or x.numel() == 0 else x.to(dtype)
+            for x, dtype in zip(gradients, ctx.dtypes)
         )
 
 
 def fused_gated_recurrence(
-    projected: Tensor, weight_hh: Tensor, bias_hh: Tensor, attention: Tensor
+    projected: Tensor, bias_ih: Tensor, weight_hh: Tensor, bias_hh: Tensor, attention: Tensor
 ) -> Tensor:
-    """All states `[B, L, H]`; `attention` empty for the GRU (see `layers.gated_recurrence`)."""
-    return FusedGatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
+    """All states `[B, L, H]` from W_i x (no bias) and b_i; `attention` empty for the GRU."""
+    return FusedGatedRecurrence.apply(projected, bias_ih, attention, weight_hh, bias_hh)
 
 
 def usable(x: Tensor) -> bool:

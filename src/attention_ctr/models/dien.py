@@ -121,8 +121,8 @@ class DIEN(CTRModel):
             and torch.is_grad_enabled()
             and not torch.onnx.is_in_onnx_export()
         ):
-            projected = F.linear(history, gru.weight_ih_l0, gru.bias_ih_l0)  # all steps at once
-            return gated_recurrence(projected, gru.weight_hh_l0, gru.bias_hh_l0)
+            weights = (gru.weight_ih_l0, gru.bias_ih_l0, gru.weight_hh_l0, gru.bias_hh_l0)
+            return gated_recurrence(history, *weights)
         states, _ = gru(history)
         return states
 

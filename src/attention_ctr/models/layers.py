@@ -538,10 +538,10 @@ class AUGRUCell(nn.Module):
         time instead of an autograd graph of L x ~10 small ops); in eval and export it runs as
         plain `step`s, which trace to plain ONNX ops.
         """
-        projected = self.input_projection(x)  # [B, L, 3H], one matmul for all timesteps
         if self.training and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
-            states = gated_recurrence(projected, self.weight_hh, self.bias_hh, attention)
-            return states[:, -1]
+            weights = (self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh)
+            return gated_recurrence(x, *weights, attention)[:, -1]
+        projected = self.input_projection(x)  # [B, L, 3H], one matmul for all timesteps
         dtype = torch.promote_types(projected.dtype, torch.float32)
         h = projected.new_zeros(projected.shape[0], self.hidden_size, dtype=dtype)
         for projected_t, a_t in zip(projected.unbind(1), attention.unsqueeze(-1).unbind(1)):
@@ -550,26 +550,34 @@ class AUGRUCell(nn.Module):
 
 
 def gated_recurrence(
-    projected: Tensor,
+    x: Tensor,
+    weight_ih: Tensor,
+    bias_ih: Tensor,
     weight_hh: Tensor,
     bias_hh: Tensor,
     attention: Tensor | None = None,
 ) -> Tensor:
-    """All states `[B, L, H]` of a GRU-type recurrence from h_0 = 0, for training.
+    """All states `[B, L, H]` of a GRU-type recurrence over `x` `[B, L, I]` from h_0 = 0, for
+    training.
 
-    `projected` `[B, L, 3H]` holds the input projections W_i x_t + b_i of every step, gates
-    stacked [r, update, candidate] as in `nn.GRU`. With `attention` `[B, L]` this is the AUGRU
+    Parameters as in `nn.GRU` (gates stacked [r, update, candidate]); the input projections
+    W_i x_t + b_i of all steps are one matmul. With `attention` `[B, L]` this is the AUGRU
     (update gate u, h_t = h_{t-1} + a_t u_t (h~_t - h_{t-1})); without, it is exactly
     `nn.GRU` (its gate z keeps the old state: h_t = h_{t-1} + (1 - z_t) (h~_t - h_{t-1})).
-    Same arithmetic as the step-by-step versions, with backpropagation through time written by
-    hand (`_GatedRecurrence`): the loop keeps only what depends on the previous state, all
-    other derivatives and the weight gradients are computed for all steps at once.
+    On CPU (float32, bf16) the loop runs in the fused C++ kernels (`cpu_kernels`), which also
+    add b_i and sum its gradient; otherwise (float64, GPU, no compiler) in `_GatedRecurrence`:
+    the same arithmetic with backpropagation through time written by hand, the loop keeping
+    only what depends on the previous state.
     """
     if attention is None:
-        attention = projected.new_empty(0)
-    if projected.device.type == "cpu" and projected.dtype != torch.float64:
+        attention = x.new_empty(0)
+    if x.device.type == "cpu" and x.dtype != torch.float64:
         if cpu_kernels.available():  # builds the C++ kernels on first use
-            return cpu_kernels.fused_gated_recurrence(projected, weight_hh, bias_hh, attention)
+            projected = F.linear(x, weight_ih)
+            return cpu_kernels.fused_gated_recurrence(
+                projected, bias_ih, weight_hh, bias_hh, attention
+            )
+    projected = F.linear(x, weight_ih, bias_ih)
     return _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
 
 

@@ -38,12 +38,14 @@ inline float fast_tanh(float x) {
 
 inline float fast_sigmoid(float x) { return 0.5f * fast_tanh(0.5f * x) + 0.5f; }
 
-// Step t for rows [begin, end). hidden = U h_{t-1} + b_h [B, 3H]; states [L+1, B, H];
-// saved [L, B, 4, H] = r_t, update gate (u_t AUGRU, z_t GRU), U_n h_{t-1} + b_hn, h~_t.
+// Step t for rows [begin, end). projected = W_i x (no bias) [B, L, 3H], bias_ih b_i [3H],
+// hidden = U h_{t-1} + b_h [B, 3H]; states [L+1, B, H]; saved [L, B, 4, H] = r_t, the update
+// gate (u_t AUGRU, z_t GRU), U_n h_{t-1} + b_hn, h~_t.
 void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
                   int64_t size, const float* __restrict__ projected,
-                  const float* __restrict__ hidden, const float* __restrict__ attention,
-                  float* __restrict__ states, float* __restrict__ saved) {
+                  const float* __restrict__ bias_ih, const float* __restrict__ hidden,
+                  const float* __restrict__ attention, float* __restrict__ states,
+                  float* __restrict__ saved) {
   const int64_t gates = 3 * size;
   const bool augru = attention != nullptr;
   for (int64_t b = begin; b < end; ++b) {
@@ -55,10 +57,10 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
     const float a = augru ? attention[b * length + t] : 0.f;
 #pragma omp simd
     for (int64_t j = 0; j < size; ++j) {
-      const float reset = fast_sigmoid(x[j] + g[j]);
-      const float gate = fast_sigmoid(x[size + j] + g[size + j]);
+      const float reset = fast_sigmoid(x[j] + bias_ih[j] + g[j]);
+      const float gate = fast_sigmoid(x[size + j] + bias_ih[size + j] + g[size + j]);
       const float hidden_n = g[2 * size + j];
-      const float candidate = fast_tanh(x[2 * size + j] + reset * hidden_n);
+      const float candidate = fast_tanh(x[2 * size + j] + bias_ih[2 * size + j] + reset * hidden_n);
       s[j] = reset;
       s[size + j] = gate;
       s[2 * size + j] = hidden_n;
@@ -71,14 +73,16 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
 }
 
 // Backward of step t for rows [begin, end). grad = dL/dh_t = carry + upstream_t. Writes
-// dL/dprojected_t, dL/dhidden_t (for U's and b_h's gradients), dL/da_t, and
-// keep = grad * (1 - update): dL/dh_{t-1} = keep + dL/dhidden_t U (the addmm after this).
+// dL/dprojected_t, dL/dhidden_t (for U's gradient), dL/da_t, and keep = grad * (1 - update):
+// dL/dh_{t-1} = keep + dL/dhidden_t U (the addmm after this). Adds the rows' dL/dprojected and
+// dL/dhidden to `bias_sums` [2, 3H] (the gradients of b_i and b_h).
 void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
                    int64_t size, const float* __restrict__ upstream,
                    const float* __restrict__ states, const float* __restrict__ saved,
                    const float* __restrict__ attention, const float* __restrict__ carry,
                    float* __restrict__ keep, float* __restrict__ d_projected,
-                   float* __restrict__ d_hidden, float* __restrict__ d_attention) {
+                   float* __restrict__ d_hidden, float* __restrict__ d_attention,
+                   float* __restrict__ bias_sums) {
   const int64_t gates = 3 * size;
   const bool augru = attention != nullptr;
   for (int64_t b = begin; b < end; ++b) {
@@ -90,6 +94,8 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
     float* __restrict__ dp = d_projected + (b * length + t) * gates;
     float* __restrict__ dh = d_hidden + (t * batch + b) * gates;
     const float a = augru ? attention[b * length + t] : 0.f;
+    float* __restrict__ d_bias_ih = bias_sums;
+    float* __restrict__ d_bias_hh = bias_sums + gates;  // its r and update parts equal b_i's
     float d_a = 0.f;
 #pragma omp simd reduction(+ : d_a)
     for (int64_t j = 0; j < size; ++j) {
@@ -110,6 +116,10 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
       dh[size + j] = d_gate;
       dh[2 * size + j] = d_candidate * reset;
       k[j] = grad * (1.f - update);
+      d_bias_ih[j] += d_reset;
+      d_bias_ih[size + j] += d_gate;
+      d_bias_ih[2 * size + j] += d_candidate;
+      d_bias_hh[2 * size + j] += d_candidate * reset;
     }
     if (augru) d_attention[b * length + t] = d_a;
   }
@@ -120,25 +130,31 @@ void check(const at::Tensor& x, const char* name) {
               "gated recurrence kernels: ", name, " must be a float32 CPU tensor");
 }
 
-// projected [B, L, 3H] = W_i x_t + b_i, weight U [3H, H], bias b_h [3H], attention [B, L]
-// (empty: GRU) -> states [L + 1, B, H] with h_0 = 0, saved [L, B, 4, H].
+// projected [B, L, 3H] = W_i x_t (bias_ih b_i [3H] is added here), weight U [3H, H], bias b_h
+// [3H], attention [B, L] (empty: GRU) -> states [L + 1, B, H] with h_0 = 0, saved [L, B, 4, H].
 std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
+                                                 const at::Tensor& bias_ih,
                                                  const at::Tensor& weight,
                                                  const at::Tensor& bias,
                                                  const at::Tensor& attention_in) {
-  for (const auto* x : {&projected_in, &weight, &bias, &attention_in}) check(*x, "input");
+  for (const auto* x : {&projected_in, &bias_ih, &weight, &bias, &attention_in}) {
+    check(*x, "input");
+  }
   const auto projected = projected_in.contiguous();
   const auto attention = attention_in.contiguous();
   const int64_t batch = projected.size(0), length = projected.size(1);
   const int64_t size = weight.size(1);
-  TORCH_CHECK(projected.size(2) == 3 * size && weight.size(0) == 3 * size,
-              "gated recurrence kernels: projected [B, L, 3H] and weight [3H, H] disagree");
+  TORCH_CHECK(projected.size(2) == 3 * size && weight.size(0) == 3 * size &&
+                  bias_ih.numel() == 3 * size && bias.numel() == 3 * size,
+              "gated recurrence kernels: projected [B, L, 3H], weight [3H, H], biases [3H] "
+              "disagree");
   const bool augru = attention.numel() > 0;
   auto states = at::zeros({length + 1, batch, size}, projected.options());
   auto saved = at::empty({length, batch, 4, size}, projected.options());
   auto hidden = at::empty({batch, 3 * size}, projected.options());
   const auto weight_t = weight.t();
   const float* x = projected.data_ptr<float>();
+  const float* bi = bias_ih.data_ptr<float>();
   const float* g = hidden.data_ptr<float>();
   const float* a = augru ? attention.data_ptr<float>() : nullptr;
   float* h = states.data_ptr<float>();
@@ -146,27 +162,30 @@ std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
   for (int64_t t = 0; t < length; ++t) {
     at::addmm_out(hidden, bias, states[t], weight_t);
     at::parallel_for(0, batch, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      forward_rows(begin, end, t, batch, length, size, x, g, a, h, s);
+      forward_rows(begin, end, t, batch, length, size, x, bi, g, a, h, s);
     });
   }
   return {states, saved};
 }
 
 // upstream dL/dh [B, L, H] -> dL/dprojected [B, L, 3H], dL/dhidden [L, B, 3H], dL/da [B, L]
-// (empty for the GRU).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_backward(const at::Tensor& upstream_in,
-                                                              const at::Tensor& states,
-                                                              const at::Tensor& saved,
-                                                              const at::Tensor& weight,
-                                                              const at::Tensor& attention_in) {
+// (empty for the GRU), dL/db_i [3H], dL/db_h [3H].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
+    const at::Tensor& upstream_in, const at::Tensor& states, const at::Tensor& saved,
+    const at::Tensor& weight, const at::Tensor& attention_in) {
   for (const auto* x : {&upstream_in, &states, &saved, &weight, &attention_in}) check(*x, "input");
   const auto upstream = upstream_in.contiguous();
   const auto attention = attention_in.contiguous();
   const int64_t length = saved.size(0), batch = saved.size(1), size = saved.size(3);
+  const int64_t gates = 3 * size;
   const bool augru = attention.numel() > 0;
-  auto d_projected = at::empty({batch, length, 3 * size}, upstream.options());
-  auto d_hidden = at::empty({length, batch, 3 * size}, upstream.options());
+  // Blocks of kRowsPerTask rows, each with its own bias sums (added up in block order): the
+  // result does not depend on how the blocks are spread over threads.
+  const int64_t blocks = (batch + kRowsPerTask - 1) / kRowsPerTask;
+  auto d_projected = at::empty({batch, length, gates}, upstream.options());
+  auto d_hidden = at::empty({length, batch, gates}, upstream.options());
   auto d_attention = at::empty({augru ? batch : 0, length}, upstream.options());
+  auto bias_sums = at::zeros({blocks, 2, gates}, upstream.options());
   auto carry = at::zeros({batch, size}, upstream.options());
   auto keep = at::empty({batch, size}, upstream.options());
   const float* up = upstream.data_ptr<float>();
@@ -178,13 +197,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_backward(const at::Tensor& 
   float* dp = d_projected.data_ptr<float>();
   float* dh = d_hidden.data_ptr<float>();
   float* da = augru ? d_attention.data_ptr<float>() : nullptr;
+  float* sums = bias_sums.data_ptr<float>();
   for (int64_t t = length - 1; t >= 0; --t) {
-    at::parallel_for(0, batch, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      backward_rows(begin, end, t, batch, length, size, up, h, s, a, c, k, dp, dh, da);
+    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t begin = block * kRowsPerTask;
+        const int64_t end = std::min(batch, begin + kRowsPerTask);
+        backward_rows(begin, end, t, batch, length, size, up, h, s, a, c, k, dp, dh, da,
+                      sums + block * 2 * gates);
+      }
     });
     if (t > 0) at::addmm_out(carry, keep, d_hidden[t], weight);  // dL/dh_{t-1}
   }
-  return {d_projected, d_hidden, d_attention};
+  auto total = bias_sums.sum(0);  // [2, 3H]
+  auto d_bias_hh = total[1];
+  d_bias_hh.narrow(0, 0, 2 * size).copy_(total[0].narrow(0, 0, 2 * size));
+  return {d_projected, d_hidden, d_attention, total[0], d_bias_hh};
 }
 
 constexpr int64_t kRowsPerBlock = 256;  // column sums: fixed row blocks, summed in order
@@ -299,10 +327,10 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
         " -> (Tensor, Tensor)");
   m.def("bias_prelu_backward(Tensor grad, Tensor h, Tensor slope, int period)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("gated_forward(Tensor projected, Tensor weight, Tensor bias, Tensor attention)"
-        " -> (Tensor, Tensor)");
+  m.def("gated_forward(Tensor projected, Tensor bias_ih, Tensor weight, Tensor bias,"
+        " Tensor attention) -> (Tensor, Tensor)");
   m.def("gated_backward(Tensor upstream, Tensor states, Tensor saved, Tensor weight,"
-        " Tensor attention) -> (Tensor, Tensor, Tensor)");
+        " Tensor attention) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
