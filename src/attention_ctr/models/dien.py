@@ -7,8 +7,8 @@ Paper: Guorui Zhou, Na Mou, Ying Fan, Qi Pi, Weijie Bian, Chang Zhou, Xiaoqiang 
 1. Interest extractor: an `nn.GRU` over the history vectors, hidden states h_t. It runs over
    the full padded length (histories are left-aligned, so padding only follows the real steps
    and never reaches them); no `pack_padded_sequence`. CPU training runs the same GRU (same
-   parameters) through `layers.gated_recurrence`, whose hand-written backward is several
-   times faster than `nn.GRU`'s on CPU; GPU training, eval and export use `nn.GRU` itself.
+   parameters) through `layers.gated_recurrence` (fused C++ kernels, `cpu_kernels`), several
+   times faster than `nn.GRU`'s backward on CPU; GPU training, eval and export use `nn.GRU`.
 2. Auxiliary loss (eq. 6), ON by default (`aux_weight` = 1.0): h_t must tell the next clicked
    behaviour e_{t+1} from the sampled negative ê_{t+1} (feature engineering's negative
    history), through a small MLP on [h_t, e] (hidden `aux_hidden` 100-50 as in the authors'
@@ -20,7 +20,8 @@ Paper: Guorui Zhou, Na Mou, Ying Fan, Qi Pi, Weijie Bian, Chang Zhou, Xiaoqiang 
    h'_t = (1 - u'_t) * h'_{t-1} + u'_t * h~_t, so padded steps (a_t = 0) keep the state and
    the final state is the one after the last real behaviour. The input projections of all
    timesteps are one matmul before the loop; the loop does the hidden matmul and elementwise
-   (in training inside `gated_recurrence`, with hand-written backpropagation through time).
+   (in training inside `gated_recurrence`: fused kernels on CPU, hand-written
+   backpropagation through time elsewhere).
    The AUGRU's own biases (input and hidden) are separate parameters. For ONNX export the
    loop is traced unrolled, so the model pads to `max_history` steps while exporting: the
    exported graph takes any L <= max_history.
@@ -111,8 +112,8 @@ class DIEN(CTRModel):
         """Interest extractor: the GRU's hidden states `[B, L, H]` over the padded history.
 
         `self.extractor` is an `nn.GRU` (cuDNN on GPU, an ONNX GRU at export). CPU training
-        runs the same GRU, with the same parameters, through `gated_recurrence`: `nn.GRU`
-        backpropagates on CPU through L x ~10 small autograd ops, several times slower.
+        runs the same GRU, with the same parameters, through `gated_recurrence` (fused
+        kernels): `nn.GRU` backpropagates on CPU through L x ~10 small autograd ops.
         """
         gru = self.extractor
         if (

@@ -534,9 +534,9 @@ class AUGRUCell(nn.Module):
 
         The input projections of all L steps are one matmul; the loop does the rest. Steps with
         a_t = 0 (padding) leave the state unchanged. In training (grad enabled) the loop runs
-        in `gated_recurrence` (same arithmetic in float32, hand-written backpropagation through
-        time instead of an autograd graph of L x ~10 small ops); in eval and export it runs as
-        plain `step`s, which trace to plain ONNX ops.
+        in `gated_recurrence` (same arithmetic in float32: fused kernels on CPU, hand-written
+        backpropagation through time elsewhere, instead of an autograd graph of L x ~10 small
+        ops); in eval and export it runs as plain `step`s, which trace to plain ONNX ops.
         """
         if self.training and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
             weights = (self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh)
