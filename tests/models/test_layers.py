@@ -360,11 +360,13 @@ def test_gather_positions_is_advanced_indexing_in_value_and_gradient():
     base = torch.randn(4, 7, 3, dtype=torch.double, requires_grad=True)
     x = base[:, 1:6]  # a strided [4, 5, 3] view, as DIEN's shifted slices
     row, position = torch.tensor([0, 0, 2, 3, 3]), torch.tensor([0, 4, 1, 2, 3])
-    gathered = gather_positions(x, row, position)
-    torch.testing.assert_close(gathered, x[row, position])
+    y = base[:, :5] * 2
+    gathered = gather_positions([x, y], row, position)
+    expected = torch.stack([x[row, position], y[row, position]])
+    torch.testing.assert_close(gathered, expected)
     upstream = torch.randn_like(gathered)
-    (got,) = torch.autograd.grad(gathered, base, upstream)
-    (want,) = torch.autograd.grad(x[row, position], base, upstream)
+    (got,) = torch.autograd.grad(gathered, base, upstream, retain_graph=True)
+    (want,) = torch.autograd.grad(expected, base, upstream)
     torch.testing.assert_close(got, want)
 
 

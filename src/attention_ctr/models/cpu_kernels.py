@@ -5,7 +5,9 @@
   pass over the batch per step, forward and backward (about 2.5x faster than eager torch on
   2 cores);
 - a Linear's bias (plus an optional tiled addend) and PReLU in one pass, and its backward in
-  one more (eager torch: about 10 passes over the activations for the same layer).
+  one more (eager torch: about 10 passes over the activations for the same layer);
+- a gather of (row, position) pairs from strided `[B, L, E]` tensors (DIEN's auxiliary rows)
+  and its backward, one pass each.
 
 The build takes a few seconds once per machine and torch version, cached under torch's
 extensions directory (`TORCH_EXTENSIONS_DIR`).
@@ -188,3 +190,25 @@ class FusedBiasPReLU(torch.autograd.Function):
 def bias_prelu(z: Tensor, bias: Tensor, slope: Tensor, addend: Tensor | None = None) -> Tensor:
     """`PReLU(z + bias [+ addend[r % M]])` for `z` `[R, C]` (see `FusedBiasPReLU`)."""
     return FusedBiasPReLU.apply(z, bias, slope, z.new_empty(0) if addend is None else addend)
+
+
+class FusedGatherPositions(torch.autograd.Function):
+    """`torch.stack([x[row, position] for x in sources])` for float32 `[B, L, E]` sources."""
+
+    @staticmethod
+    def forward(ctx, row, position, *sources):  # type: ignore[override]
+        ctx.save_for_backward(row, position)
+        ctx.shape = sources[0].shape
+        return torch.ops.attention_ctr_kernels.gather_positions_forward(
+            list(sources), row, position
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        row, position = ctx.saved_tensors
+        batch, length, _ = ctx.shape
+        grads = torch.ops.attention_ctr_kernels.gather_positions_backward(
+            grad, row, position, batch, length
+        )
+        return (None, None, *grads.unbind(0))

@@ -153,20 +153,21 @@ class DIEN(CTRModel):
         """
         valid = batch["mask"][:, 1:]  # t + 1 is a real behaviour (then so is t)
         valid_negative = valid & (batch["neg_item"][:, 1:] != 0)
-        state, clicked, sampled = states[:, :-1], history[:, 1:], negative[:, 1:]
         weights = torch.stack([valid, valid_negative]).float()  # [2, B, L-1]
         if history.device.type == "cpu" and not bool(valid.all()):
             row, step = valid.nonzero(as_tuple=True)
-            state = gather_positions(states, row, step)
-            clicked = gather_positions(history, row, step + 1)
-            sampled = gather_positions(negative, row, step + 1)
+            state = gather_positions([states], row, step)[0]  # [N, H]
+            next_behaviours = gather_positions([history, negative], row, step + 1)  # [2, N, E]
             weights = weights[:, row, step]  # [2, N]
+        else:
+            state = states[:, :-1]
+            next_behaviours = torch.stack([history[:, 1:], negative[:, 1:]])
         # aux_net on [h_t, e_{t+1}] and [h_t, ê_{t+1}]; its first Linear is split as
         # W [h, e] + b = W_h h + W_e e + b so the h_t part is computed once for both.
         first = self.aux_net.linears[0]
         w_state, w_behaviour = first.weight.split([states.shape[-1], history.shape[-1]], dim=1)
         state_part = F.linear(state.reshape(-1, state.shape[-1]), w_state)  # [rows, A]
-        next_behaviours = torch.stack([clicked, sampled]).to(state_part.dtype)  # [2, ..., E]
+        next_behaviours = next_behaviours.to(state_part.dtype)  # [2, ..., E]
         product = F.linear(next_behaviours.reshape(-1, history.shape[-1]), w_behaviour)
         logits = self.aux_net.after_first_product(product, addend=state_part)
         logits = logits.view(2, *state.shape[:-1]).float()  # [2, ...]

@@ -134,11 +134,14 @@ def column_sums(x: Tensor) -> Tensor:
     return torch.mv(x.t(), x.new_ones(x.shape[0]))
 
 
-def gather_positions(x: Tensor, row: Tensor, position: Tensor) -> Tensor:
-    """`x[row, position]` -> `[N, ...]` for `x` `[B, L, ...]` of any strides and DISTINCT
-    (row, position) pairs. Unlike reshape + index_select it copies no shifted slice, and its
-    backward writes each row once (no accumulating scatter, which sorts on CPU)."""
-    return _GatherPositions.apply(x, row, position)
+def gather_positions(sources: Sequence[Tensor], row: Tensor, position: Tensor) -> Tensor:
+    """`[x[row, position] for x in sources]` stacked -> `[K, N, ...]`, for K same-shape `x`
+    `[B, L, ...]` of any strides and DISTINCT (row, position) pairs. Unlike reshape +
+    index_select it copies no shifted slice, and its backward writes each row once (no
+    accumulating scatter, which sorts on CPU); float32 CPU training runs it in the kernels."""
+    if all(x.dim() == 3 and cpu_kernels.usable(x) for x in sources):
+        return cpu_kernels.FusedGatherPositions.apply(row, position, *sources)
+    return torch.stack([_GatherPositions.apply(x, row, position) for x in sources])
 
 
 class _GatherPositions(torch.autograd.Function):

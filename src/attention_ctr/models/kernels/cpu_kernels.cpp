@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 
 namespace {
@@ -320,9 +321,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_prelu_backward(
   return {dz, sums[0], sums[1], d_addend};
 }
 
+// out[k, n] = sources[k][row[n], position[n]] for K same-shape tensors [B, L, E] of any strides
+// (the last one 1): one parallel pass, no contiguous copy of strided slices.
+at::Tensor gather_positions_forward(at::TensorList sources, const at::Tensor& row,
+                                    const at::Tensor& position) {
+  TORCH_CHECK(!sources.empty(), "gather_positions: no sources");
+  const auto& first = sources[0];
+  for (const auto& x : sources) {
+    check(x, "source");
+    TORCH_CHECK(x.dim() == 3 && x.sizes() == first.sizes() && x.stride(2) == 1,
+                "gather_positions: sources must be [B, L, E] alike with a contiguous last dim");
+  }
+  TORCH_CHECK(row.scalar_type() == at::kLong && position.scalar_type() == at::kLong &&
+                  row.numel() == position.numel(),
+              "gather_positions: row and position must be int64 of one length");
+  const int64_t count = row.numel(), width = first.size(2), k_count = sources.size();
+  auto out = at::empty({k_count, count, width}, first.options());
+  const auto rows = row.contiguous(), positions = position.contiguous();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* p = positions.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t k = 0; k < k_count; ++k) {
+    const float* x = sources[k].data_ptr<float>();
+    const int64_t row_stride = sources[k].stride(0), position_stride = sources[k].stride(1);
+    float* ok = o + k * count * width;
+    at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        std::memcpy(ok + n * width, x + r[n] * row_stride + p[n] * position_stride,
+                    width * sizeof(float));
+      }
+    });
+  }
+  return out;
+}
+
+// Backward: [K, B, L, E] zeros with grad[k, n] written at (row[n], position[n]); the pairs
+// are distinct, so this is a plain write, not an accumulating scatter.
+at::Tensor gather_positions_backward(const at::Tensor& grad_in, const at::Tensor& row,
+                                     const at::Tensor& position, int64_t batch, int64_t length) {
+  check(grad_in, "grad");
+  const auto grad = grad_in.contiguous();
+  const int64_t k_count = grad.size(0), count = grad.size(1), width = grad.size(2);
+  auto out = at::empty({k_count, batch, length, width}, grad.options());
+  float* o = out.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  const int64_t plane = batch * length * width;
+  at::parallel_for(0, k_count * batch, 16, [&](int64_t begin, int64_t end) {
+    std::memset(o + begin * length * width, 0, (end - begin) * length * width * sizeof(float));
+  });
+  const auto rows = row.contiguous(), positions = position.contiguous();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* p = positions.data_ptr<int64_t>();
+  at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t k = 0; k < k_count; ++k) {
+      for (int64_t n = begin; n < end; ++n) {
+        std::memcpy(o + k * plane + (r[n] * length + p[n]) * width, g + (k * count + n) * width,
+                    width * sizeof(float));
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("gather_positions_forward(Tensor[] sources, Tensor row, Tensor position) -> Tensor");
+  m.def("gather_positions_backward(Tensor grad, Tensor row, Tensor position, int batch,"
+        " int length) -> Tensor");
   m.def("bias_prelu_forward(Tensor z, Tensor bias, Tensor slope, Tensor addend)"
         " -> (Tensor, Tensor)");
   m.def("bias_prelu_backward(Tensor grad, Tensor h, Tensor slope, int period)"
@@ -338,4 +404,6 @@ TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
   m.impl("gated_backward", &gated_backward);
   m.impl("bias_prelu_forward", &bias_prelu_forward);
   m.impl("bias_prelu_backward", &bias_prelu_backward);
+  m.impl("gather_positions_forward", &gather_positions_forward);
+  m.impl("gather_positions_backward", &gather_positions_backward);
 }
