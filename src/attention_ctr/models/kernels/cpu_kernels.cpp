@@ -1,10 +1,11 @@
 // Fused CPU kernels for training (see cpu_kernels.py): the GRU / AUGRU recurrence and PReLU.
 //
-// Recurrence: each time step is one MKL addmm for the hidden matmul plus ONE pass over the batch rows
-// (torch's own thread pool, at::parallel_for) that computes every gate, the new state and what
-// the backward needs. Eager torch spends ~10 ops per step on the same work, and its backward
-// ~15 extra passes over [L, B, H] tensors. float32 only; rows are independent, so results do
-// not depend on the number of threads.
+// Recurrence: rows are independent, so each thread of torch's own pool (at::parallel_for) runs
+// the whole time loop for its share of the batch: per step one MKL matmul on those rows plus ONE
+// pass that computes every gate, the new state and what the backward needs. Eager torch
+// spends ~10 ops and two thread-pool round trips per step on the same work, and its backward
+// ~15 extra passes over [L, B, H] tensors. float32 only. The matmuls' rounding may depend on
+// how many rows a thread takes, so results are reproducible for a given thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +17,13 @@
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
+
+// Rows per thread for the recurrences: an even share, rounded up to whole kRowsPerTask blocks.
+int64_t rows_per_thread(int64_t batch) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t share = (batch + threads - 1) / threads;
+  return (share + kRowsPerTask - 1) / kRowsPerTask * kRowsPerTask;
+}
 
 // Eigen's float tanh: a 13/6 rational polynomial, |error| < 3e-7. It vectorises; libm's
 // tanhf and expf do not.
@@ -160,12 +168,20 @@ std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
   const float* a = augru ? attention.data_ptr<float>() : nullptr;
   float* h = states.data_ptr<float>();
   float* s = saved.data_ptr<float>();
-  for (int64_t t = 0; t < length; ++t) {
-    at::addmm_out(hidden, bias, states[t], weight_t);
-    at::parallel_for(0, batch, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      forward_rows(begin, end, t, batch, length, size, x, bi, g, a, h, s);
-    });
-  }
+  // Rows are independent: each thread runs the whole time loop for its own rows (its matmul
+  // single-threaded inside the parallel region), with no synchronisation between steps.
+  const int64_t chunk = rows_per_thread(batch);
+  at::parallel_for(0, (batch + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      at::NoGradGuard no_grad;  // grad mode is thread-local: off here as in the caller
+      const int64_t begin = c * chunk, end = std::min(batch, begin + chunk);
+      auto hidden_rows = hidden.narrow(0, begin, end - begin);
+      for (int64_t t = 0; t < length; ++t) {
+        at::addmm_out(hidden_rows, bias, states[t].narrow(0, begin, end - begin), weight_t);
+        forward_rows(begin, end, t, batch, length, size, x, bi, g, a, h, s);
+      }
+    }
+  });
   return {states, saved};
 }
 
@@ -180,8 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
   const int64_t length = saved.size(0), batch = saved.size(1), size = saved.size(3);
   const int64_t gates = 3 * size;
   const bool augru = attention.numel() > 0;
-  // Blocks of kRowsPerTask rows, each with its own bias sums (added up in block order): the
-  // result does not depend on how the blocks are spread over threads.
+  // Blocks of kRowsPerTask rows, each with its own bias sums (added up in block order).
   const int64_t blocks = (batch + kRowsPerTask - 1) / kRowsPerTask;
   auto d_projected = at::empty({batch, length, gates}, upstream.options());
   auto d_hidden = at::empty({length, batch, gates}, upstream.options());
@@ -199,17 +214,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
   float* dh = d_hidden.data_ptr<float>();
   float* da = augru ? d_attention.data_ptr<float>() : nullptr;
   float* sums = bias_sums.data_ptr<float>();
-  for (int64_t t = length - 1; t >= 0; --t) {
-    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t block = first; block < last; ++block) {
-        const int64_t begin = block * kRowsPerTask;
-        const int64_t end = std::min(batch, begin + kRowsPerTask);
-        backward_rows(begin, end, t, batch, length, size, up, h, s, a, c, k, dp, dh, da,
-                      sums + block * 2 * gates);
+  const int64_t chunk = rows_per_thread(batch);  // a multiple of kRowsPerTask
+  at::parallel_for(0, (batch + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
+    for (int64_t part = first; part < last; ++part) {
+      at::NoGradGuard no_grad;  // grad mode is thread-local: off here as in the caller
+      const int64_t begin = part * chunk, end = std::min(batch, begin + chunk);
+      auto carry_rows = carry.narrow(0, begin, end - begin);
+      auto keep_rows = keep.narrow(0, begin, end - begin);
+      for (int64_t t = length - 1; t >= 0; --t) {
+        for (int64_t row = begin; row < end; row += kRowsPerTask) {
+          backward_rows(row, std::min(end, row + kRowsPerTask), t, batch, length, size, up, h,
+                        s, a, c, k, dp, dh, da, sums + row / kRowsPerTask * 2 * gates);
+        }
+        if (t > 0) {  // dL/dh_{t-1} = keep + dL/dhidden_t U
+          at::addmm_out(carry_rows, keep_rows, d_hidden[t].narrow(0, begin, end - begin),
+                        weight);
+        }
       }
-    });
-    if (t > 0) at::addmm_out(carry, keep, d_hidden[t], weight);  // dL/dh_{t-1}
-  }
+    }
+  });
   auto total = bias_sums.sum(0);  // [2, 3H]
   auto d_bias_hh = total[1];
   d_bias_hh.narrow(0, 0, 2 * size).copy_(total[0].narrow(0, 0, 2 * size));
