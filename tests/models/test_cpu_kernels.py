@@ -137,17 +137,39 @@ def test_fused_bias_prelu_matches_eager(tiles):
 
 
 @needs_kernels
-def test_mlp_fuses_prelu_layers_only_in_float32_cpu_training():
+@pytest.mark.parametrize("out_features", [1, 3, None])
+def test_mlp_fused_prelu_layers_match_eager(monkeypatch, out_features):
+    """PReLU MLPs in float32 CPU training take the kernels (the last layer together with a
+    one-unit output); values and every parameter's gradient match the eager layers."""
     torch.manual_seed(0)
-    mlp = MLP(6, [5, 4], "prelu", out_features=1)
+    mlp = MLP(6, [5, 4, 3], "prelu", out_features=out_features)
     x = torch.randn(9, 6)
-    fused = mlp(x)
-    with torch.no_grad():
-        reference = mlp(x)  # eval-style path: F.prelu, no kernels
-    torch.testing.assert_close(fused, reference)
-    assert "FusedBiasPReLUBackward" in _graph_nodes(fused)
+    addend = torch.randn(3, 5)
+
+    def run():
+        product = F.linear(x, mlp.linears[0].weight)
+        outputs = [mlp(x), mlp.after_first_product(product, addend)]
+        grads = torch.autograd.grad(sum(o.sum() for o in outputs), list(mlp.parameters()))
+        return outputs, grads
+
+    fused_outputs, fused_grads = run()
+    nodes = _graph_nodes(fused_outputs[1])
+    assert "FusedBiasPReLUBackward" in nodes
+    assert ("FusedPReLULinearBackward" in nodes) == (out_features == 1)
+    monkeypatch.setattr(cpu_kernels, "usable", lambda x: False)
+    eager_outputs, eager_grads = run()
+    assert "FusedBiasPReLUBackward" not in _graph_nodes(eager_outputs[1])
+    for got, want in zip(fused_outputs + list(fused_grads), eager_outputs + list(eager_grads)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_mlp_keeps_eager_layers_under_bf16_autocast():
+    mlp = MLP(6, [5, 4], "prelu", out_features=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "FusedBiasPReLUBackward" not in _graph_nodes(mlp(x))
+        assert not {"FusedBiasPReLUBackward", "FusedPReLULinearBackward"} & _graph_nodes(
+            mlp(torch.randn(9, 6))
+        )
 
 
 def _graph_nodes(output):

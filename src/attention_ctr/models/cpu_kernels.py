@@ -6,6 +6,8 @@
   2 cores);
 - a Linear's bias (plus an optional tiled addend) and PReLU in one pass, and its backward in
   one more (eager torch: about 10 passes over the activations for the same layer);
+- the same for a last hidden PReLU layer together with a one-unit output Linear (the
+  activations are never written);
 - a gather of (row, position) pairs from strided `[B, L, E]` tensors (DIEN's auxiliary rows)
   and its backward, one pass each.
 
@@ -190,6 +192,24 @@ class FusedBiasPReLU(torch.autograd.Function):
 def bias_prelu(z: Tensor, bias: Tensor, slope: Tensor, addend: Tensor | None = None) -> Tensor:
     """`PReLU(z + bias [+ addend[r % M]])` for `z` `[R, C]` (see `FusedBiasPReLU`)."""
     return FusedBiasPReLU.apply(z, bias, slope, z.new_empty(0) if addend is None else addend)
+
+
+class FusedPReLULinear(torch.autograd.Function):
+    """`Linear_out(PReLU(z + bias))` for an output Linear with one unit: z `[R, C]` -> `[R, 1]`."""
+
+    @staticmethod
+    def forward(ctx, z, bias, slope, out_weight, out_bias):  # type: ignore[override]
+        logits, h = torch.ops.attention_ctr_kernels.prelu_linear_forward(
+            z, bias, slope, out_weight, out_bias
+        )
+        ctx.save_for_backward(h, slope, out_weight)
+        return logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        h, slope, out_weight = ctx.saved_tensors
+        return torch.ops.attention_ctr_kernels.prelu_linear_backward(grad, h, slope, out_weight)
 
 
 class FusedGatherPositions(torch.autograd.Function):

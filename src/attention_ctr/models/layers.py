@@ -378,10 +378,26 @@ class MLP(nn.Module):
     def _fuses(self, index: int, x: Tensor) -> bool:
         return isinstance(self.activations[index], PReLU) and x.dim() == 2 and cpu_kernels.usable(x)
 
+    def _fuses_output(self, x: Tensor) -> bool:
+        """Last PReLU layer + a one-unit output in one kernel (no dropout in between)."""
+        return (
+            self.output is not None
+            and self.output.out_features == 1
+            and (self.dropout.p == 0 or not self.training)
+            and self._fuses(len(self.linears) - 1, x)
+        )
+
     def _rest(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Hidden layers 1.. and the output Linear on the first hidden layer's output."""
+        last = len(self.linears) - 1
         for index in range(1, len(self.linears)):
             linear, activation = self.linears[index], self.activations[index]
+            if index == last and self._fuses_output(x):
+                output = self.output
+                product = F.linear(x, linear.weight)
+                return cpu_kernels.FusedPReLULinear.apply(
+                    product, linear.bias, activation.weight, output.weight, output.bias
+                )
             if self._fuses(index, x):
                 x = cpu_kernels.bias_prelu(
                     F.linear(x, linear.weight), linear.bias, activation.weight

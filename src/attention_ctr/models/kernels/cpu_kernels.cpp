@@ -291,6 +291,54 @@ void prelu_backward_rows(int64_t begin, int64_t end, int64_t columns,
 // out = PReLU(z + bias + addend[r % M]) for z [R, C], bias and slope [C], addend [M, C] with
 // R a multiple of M (or empty): the Linear's bias and a broadcast sum fused into one pass.
 // -> (out, h = the PReLU's input, saved for the backward).
+void prelu_linear_rows(int64_t begin, int64_t end, int64_t columns,
+                       const float* __restrict__ z, const float* __restrict__ bias,
+                       const float* __restrict__ slope, const float* __restrict__ out_weight,
+                       float out_bias, float* __restrict__ h, float* __restrict__ logits) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* __restrict__ zr = z + r * columns;
+    float* __restrict__ hr = h + r * columns;
+    float logit = 0.f;
+#pragma omp simd reduction(+ : logit)
+    for (int64_t c = 0; c < columns; ++c) {
+      const float x = zr[c] + bias[c];
+      hr[c] = x;
+      logit += (x > 0.f ? x : slope[c] * x) * out_weight[c];
+    }
+    logits[r] = logit + out_bias;
+  }
+}
+
+// Rows [begin, end) of prelu_linear_backward; `sums` [3C + 1] gets this block's dL/dbias,
+// dL/dslope, dL/dw_out and dL/db_out.
+void prelu_linear_backward_rows(int64_t begin, int64_t end, int64_t columns,
+                                const float* __restrict__ grad, const float* __restrict__ h,
+                                const float* __restrict__ slope,
+                                const float* __restrict__ out_weight, float* __restrict__ dz,
+                                float* __restrict__ sums) {
+  float* __restrict__ d_bias = sums;
+  float* __restrict__ d_slope = sums + columns;
+  float* __restrict__ d_out_weight = sums + 2 * columns;
+  float d_out_bias = 0.f;
+  for (int64_t r = begin; r < end; ++r) {
+    const float g = grad[r];
+    const float* __restrict__ hr = h + r * columns;
+    float* __restrict__ dr = dz + r * columns;
+    d_out_bias += g;
+#pragma omp simd
+    for (int64_t c = 0; c < columns; ++c) {
+      const bool positive = hr[c] > 0.f;
+      const float d_activation = g * out_weight[c];
+      const float d = positive ? d_activation : slope[c] * d_activation;
+      dr[c] = d;
+      d_bias[c] += d;
+      d_slope[c] += positive ? 0.f : d_activation * hr[c];
+      d_out_weight[c] += g * (positive ? hr[c] : slope[c] * hr[c]);
+    }
+  }
+  sums[3 * columns] += d_out_bias;
+}
+
 std::tuple<at::Tensor, at::Tensor> bias_prelu_forward(const at::Tensor& z_in,
                                                       const at::Tensor& bias,
                                                       const at::Tensor& slope,
@@ -342,6 +390,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_prelu_backward(
   auto d_addend = period ? dz.view({rows / period, period, columns}).sum(0)
                          : at::empty({0, columns}, h.options());
   return {dz, sums[0], sums[1], d_addend};
+}
+
+// logits = PReLU(z + bias) w_out + b_out for z [R, C] and an output Linear with ONE unit
+// (w_out [1, C], b_out [1]): the activations are never written. -> (logits [R, 1], h).
+std::tuple<at::Tensor, at::Tensor> prelu_linear_forward(const at::Tensor& z_in,
+                                                        const at::Tensor& bias,
+                                                        const at::Tensor& slope,
+                                                        const at::Tensor& out_weight,
+                                                        const at::Tensor& out_bias) {
+  for (const auto* x : {&z_in, &bias, &slope, &out_weight, &out_bias}) check(*x, "input");
+  const auto z = z_in.contiguous();
+  const int64_t rows = z.size(0), columns = z.size(1);
+  TORCH_CHECK(out_weight.numel() == columns && out_bias.numel() == 1,
+              "prelu_linear_forward: the output Linear must map C features to one unit");
+  auto logits = at::empty({rows, 1}, z.options());
+  auto h = at::empty_like(z);
+  const float* zp = z.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  const float* sp = slope.data_ptr<float>();
+  const float* wp = out_weight.contiguous().data_ptr<float>();
+  const float b_out = out_bias.item<float>();
+  float* lp = logits.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    prelu_linear_rows(begin, end, columns, zp, bp, sp, wp, b_out, hp, lp);
+  });
+  return {logits, h};
+}
+
+// Backward of prelu_linear_forward -> (dL/dz [R, C], dL/dbias [C], dL/dslope [C],
+// dL/dw_out [1, C], dL/db_out [1]), column sums over fixed row blocks summed in order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prelu_linear_backward(
+    const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& slope,
+    const at::Tensor& out_weight) {
+  for (const auto* x : {&grad_in, &h, &slope, &out_weight}) check(*x, "input");
+  const auto grad = grad_in.contiguous();
+  const int64_t rows = h.size(0), columns = h.size(1);
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  auto dz = at::empty_like(h);
+  auto partial = at::zeros({blocks, 3 * columns + 1}, h.options());
+  const float* gp = grad.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  const float* sp = slope.data_ptr<float>();
+  const auto weight = out_weight.contiguous();
+  const float* wp = weight.data_ptr<float>();
+  float* dp = dz.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kRowsPerBlock, last = std::min(rows, first + kRowsPerBlock);
+      prelu_linear_backward_rows(first, last, columns, gp, hp, sp, wp, dp,
+                                 pp + block * (3 * columns + 1));
+    }
+  });
+  auto sums = partial.sum(0);
+  return {dz, sums.narrow(0, 0, columns), sums.narrow(0, columns, columns),
+          sums.narrow(0, 2 * columns, columns).view({1, columns}),
+          sums.narrow(0, 3 * columns, 1)};
 }
 
 // out[k, n] = sources[k][row[n], position[n]] for K same-shape tensors [B, L, E] of any strides
@@ -409,6 +515,10 @@ at::Tensor gather_positions_backward(const at::Tensor& grad_in, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("prelu_linear_forward(Tensor z, Tensor bias, Tensor slope, Tensor out_weight,"
+        " Tensor out_bias) -> (Tensor, Tensor)");
+  m.def("prelu_linear_backward(Tensor grad, Tensor h, Tensor slope, Tensor out_weight)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gather_positions_forward(Tensor[] sources, Tensor row, Tensor position) -> Tensor");
   m.def("gather_positions_backward(Tensor grad, Tensor row, Tensor position, int batch,"
         " int length) -> Tensor");
@@ -428,5 +538,7 @@ TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
   m.impl("bias_prelu_forward", &bias_prelu_forward);
   m.impl("bias_prelu_backward", &bias_prelu_backward);
   m.impl("gather_positions_forward", &gather_positions_forward);
+  m.impl("prelu_linear_forward", &prelu_linear_forward);
+  m.impl("prelu_linear_backward", &prelu_linear_backward);
   m.impl("gather_positions_backward", &gather_positions_backward);
 }
