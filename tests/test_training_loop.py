@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 
@@ -17,12 +19,36 @@ def test_freed_activations_are_reused_without_page_faults():
     assert keep_freed_memory_for_reuse()
     assert keep_freed_memory_for_reuse()  # idempotent
 
-    def faults_while_reallocating() -> int:
+    def faults_while_reallocating(elements: int, times: int) -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(50):
-            torch.ones(2_000_000).add_(1.0)  # 8 MB, freed at the end of each statement
+        for _ in range(times):
+            torch.ones(elements).add_(1.0)  # freed at the end of each statement
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    faults_while_reallocating()  # grows the heap once
+    faults_while_reallocating(2_000_000, 50)  # 8 MB each; grows the heap once
     # Untuned, glibc maps most of these afresh: about 39,000 faults here.
-    assert faults_while_reallocating() < 2_000
+    assert faults_while_reallocating(2_000_000, 50) < 2_000
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks")
+        + ("uordblks", "fordblks", "keepcost")
+    ]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_blocks_above_the_mmap_ceiling_come_from_the_heap():
+    """A 200 MB activation (above glibc's 32 MB mmap ceiling, and larger than the free top of
+    the heap) is not mapped afresh: it comes from the heap, like smaller ones (mapped bytes,
+    glibc's `mallinfo2().hblkhd`, stay put)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+    libc.mallinfo2.restype = _MallInfo2
+    assert keep_freed_memory_for_reuse()
+    before = libc.mallinfo2().hblkhd
+    activation = torch.ones(50_000_000)  # 200 MB
+    assert libc.mallinfo2().hblkhd - before < 1 << 20
+    del activation

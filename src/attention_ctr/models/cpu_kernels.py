@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -89,6 +90,7 @@ def _load() -> bool:
     flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
     if platform.machine() not in {"x86_64", "AMD64"}:
         flags.remove("-mprefer-vector-width=512")
+    started = time.perf_counter()
     try:
         load(
             name=name,
@@ -106,6 +108,8 @@ def _load() -> bool:
             ENV_SWITCH,
         )
         return False
+    # the first time on a machine this includes the build (about 10 s), later only the load
+    logger.info("Fused CPU kernels ready in %.1f s", time.perf_counter() - started)
     return True
 
 
