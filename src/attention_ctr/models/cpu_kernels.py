@@ -2,8 +2,8 @@
 
 `kernels/cpu_kernels.cpp` holds:
 - the GRU / AUGRU time loop of `layers.gated_recurrence`, with one MKL matmul and one fused
-  pass over the batch per step, forward and backward (about 2.5x faster than eager torch on
-  2 cores);
+  pass per step for each thread's share of the rows, forward and backward (about 3x faster
+  than the eager version on 2 cores: 10.8 against 31 ms at [256, 47, 64]);
 - a Linear's bias (plus an optional tiled addend) and PReLU in one pass, and its backward in
   one more (eager torch: about 10 passes over the activations for the same layer);
 - the same for a last hidden PReLU layer together with a one-unit output Linear (the
@@ -11,8 +11,8 @@
 - a gather of (row, position) pairs from strided `[B, L, E]` tensors (DIEN's auxiliary rows)
   and its backward, one pass each.
 
-The build takes a few seconds once per machine and torch version, cached under torch's
-extensions directory (`TORCH_EXTENSIONS_DIR`).
+The build takes about 8 s once per machine and torch version, cached under torch's extensions
+directory (`TORCH_EXTENSIONS_DIR`).
 
 Without a C++ compiler, when the build fails, or with `ATTENTION_CTR_CPU_KERNELS=0`, training
 uses the eager torch implementation (same equations): `available()` says which.
@@ -81,7 +81,7 @@ def _load() -> bool:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "false", "no", "off"}:
         return False
     if not has_cxx_compiler():
-        logger.warning("No C++ compiler: DIEN's recurrences train with the slower eager code")
+        logger.warning("No C++ compiler: CPU training runs the slower eager code (no kernels)")
         return False
     _put_ninja_on_path()
     from torch.utils.cpp_extension import load
@@ -101,8 +101,8 @@ def _load() -> bool:
         )
     except Exception as error:  # noqa: BLE001 - any build failure falls back to eager torch
         logger.warning(
-            "Fused CPU kernels did not build (%s: %s); DIEN's recurrences train with the "
-            "slower eager code. Set %s=0 to skip the attempt.",
+            "Fused CPU kernels did not build (%s: %s); CPU training runs the slower eager "
+            "code. Set %s=0 to skip the attempt.",
             type(error).__name__,
             str(error).strip().splitlines()[-1] if str(error).strip() else "",
             ENV_SWITCH,
@@ -139,13 +139,10 @@ class FusedGatedRecurrence(torch.autograd.Function):
     def backward(ctx, grad_states):  # type: ignore[override]
         states, saved, weight, attention = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
-            d_projected, d_hidden, d_attention, d_bias_ih, d_bias_hh = (
+            d_projected, d_weight, d_attention, d_bias_ih, d_bias_hh = (
                 torch.ops.attention_ctr_kernels.gated_backward(
                     grad_states.float(), states, saved, weight, attention
                 )
-            )
-            d_weight = d_hidden.view(-1, d_hidden.shape[-1]).t() @ states[:-1].reshape(
-                -1, states.shape[-1]
             )
         gradients = (d_projected, d_bias_ih, d_attention, d_weight, d_bias_hh)
         return tuple(
@@ -162,13 +159,15 @@ def fused_gated_recurrence(
 
 
 def usable(x: Tensor) -> bool:
-    """Whether training ops on `x` should take the kernels: float32 CPU autograd, not export."""
+    """Whether training ops on `x` should take the kernels: float32 CPU autograd, not export,
+    not inside torch.compile (which fuses the same work itself)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)  # the products would be bf16
         and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
         and available()
     )
 

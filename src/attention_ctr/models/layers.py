@@ -590,7 +590,7 @@ def gated_recurrence(
     """
     if attention is None:
         attention = x.new_empty(0)
-    if x.device.type == "cpu" and x.dtype != torch.float64:
+    if x.device.type == "cpu" and x.dtype != torch.float64 and not torch.compiler.is_compiling():
         if cpu_kernels.available():  # builds the C++ kernels on first use
             projected = F.linear(x, weight_ih)
             return cpu_kernels.fused_gated_recurrence(

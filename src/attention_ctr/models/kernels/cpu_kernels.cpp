@@ -82,7 +82,7 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
 }
 
 // Backward of step t for rows [begin, end). grad = dL/dh_t = carry + upstream_t. Writes
-// dL/dprojected_t, dL/dhidden_t (for U's gradient), dL/da_t, and keep = grad * (1 - update):
+// dL/dprojected_t, dL/dhidden_t [B, 3H] (for U's gradient), dL/da_t, keep = grad (1 - update):
 // dL/dh_{t-1} = keep + dL/dhidden_t U (the addmm after this). Adds the rows' dL/dprojected and
 // dL/dhidden to `bias_sums` [2, 3H] (the gradients of b_i and b_h).
 void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
@@ -101,7 +101,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
     const float* __restrict__ c = carry + b * size;
     float* __restrict__ k = keep + b * size;
     float* __restrict__ dp = d_projected + (b * length + t) * gates;
-    float* __restrict__ dh = d_hidden + (t * batch + b) * gates;
+    float* __restrict__ dh = d_hidden + b * gates;  // this step's, [B, 3H]
     const float a = augru ? attention[b * length + t] : 0.f;
     float* __restrict__ d_bias_ih = bias_sums;
     float* __restrict__ d_bias_hh = bias_sums + gates;  // its r and update parts equal b_i's
@@ -185,8 +185,10 @@ std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
   return {states, saved};
 }
 
-// upstream dL/dh [B, L, H] -> dL/dprojected [B, L, 3H], dL/dhidden [L, B, 3H], dL/da [B, L]
-// (empty for the GRU), dL/db_i [3H], dL/db_h [3H].
+// upstream dL/dh [B, L, H] -> dL/dprojected [B, L, 3H], dL/dU [3H, H], dL/da [B, L] (empty
+// for the GRU), dL/db_i [3H], dL/db_h [3H]. U's gradient sum_t dL/dhidden_t^T h_{t-1} is
+// accumulated step by step while dL/dhidden_t is still in cache (per thread, then summed in
+// order), so the [L, B, 3H] tensor of them is never written.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
     const at::Tensor& upstream_in, const at::Tensor& states, const at::Tensor& saved,
     const at::Tensor& weight, const at::Tensor& attention_in) {
@@ -199,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
   // Blocks of kRowsPerTask rows, each with its own bias sums (added up in block order).
   const int64_t blocks = (batch + kRowsPerTask - 1) / kRowsPerTask;
   auto d_projected = at::empty({batch, length, gates}, upstream.options());
-  auto d_hidden = at::empty({length, batch, gates}, upstream.options());
+  auto d_hidden = at::empty({batch, gates}, upstream.options());  // one step's
   auto d_attention = at::empty({augru ? batch : 0, length}, upstream.options());
   auto bias_sums = at::zeros({blocks, 2, gates}, upstream.options());
   auto carry = at::zeros({batch, size}, upstream.options());
@@ -215,20 +217,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
   float* da = augru ? d_attention.data_ptr<float>() : nullptr;
   float* sums = bias_sums.data_ptr<float>();
   const int64_t chunk = rows_per_thread(batch);  // a multiple of kRowsPerTask
-  at::parallel_for(0, (batch + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
+  const int64_t parts = (batch + chunk - 1) / chunk;
+  auto weight_sums = at::zeros({parts, gates, size}, upstream.options());
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     for (int64_t part = first; part < last; ++part) {
       at::NoGradGuard no_grad;  // grad mode is thread-local: off here as in the caller
-      const int64_t begin = part * chunk, end = std::min(batch, begin + chunk);
-      auto carry_rows = carry.narrow(0, begin, end - begin);
-      auto keep_rows = keep.narrow(0, begin, end - begin);
+      const int64_t begin = part * chunk, end = std::min(batch, begin + chunk), n = end - begin;
+      auto carry_rows = carry.narrow(0, begin, n);
+      auto keep_rows = keep.narrow(0, begin, n);
+      auto d_hidden_rows = d_hidden.narrow(0, begin, n);
+      auto d_weight = weight_sums[part];
       for (int64_t t = length - 1; t >= 0; --t) {
         for (int64_t row = begin; row < end; row += kRowsPerTask) {
           backward_rows(row, std::min(end, row + kRowsPerTask), t, batch, length, size, up, h,
                         s, a, c, k, dp, dh, da, sums + row / kRowsPerTask * 2 * gates);
         }
-        if (t > 0) {  // dL/dh_{t-1} = keep + dL/dhidden_t U
-          at::addmm_out(carry_rows, keep_rows, d_hidden[t].narrow(0, begin, end - begin),
-                        weight);
+        if (t > 0) {  // h_0 = 0 adds nothing to U's gradient and has no gradient itself
+          d_weight.addmm_(d_hidden_rows.t(), states[t].narrow(0, begin, n));
+          // dL/dh_{t-1} = keep + dL/dhidden_t U
+          at::addmm_out(carry_rows, keep_rows, d_hidden_rows, weight);
         }
       }
     }
@@ -236,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
   auto total = bias_sums.sum(0);  // [2, 3H]
   auto d_bias_hh = total[1];
   d_bias_hh.narrow(0, 0, 2 * size).copy_(total[0].narrow(0, 0, 2 * size));
-  return {d_projected, d_hidden, d_attention, total[0], d_bias_hh};
+  return {d_projected, weight_sums.sum(0), d_attention, total[0], d_bias_hh};
 }
 
 constexpr int64_t kRowsPerBlock = 256;  // column sums: fixed row blocks, summed in order
