@@ -158,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
               "gated recurrence kernels: projected [B, L, 3H], weight [3H, H], biases [3H] "
               "disagree");
   const bool augru = attention.numel() > 0;
-  auto states = at::zeros({length + 1, batch, size}, projected.options());
+  auto states = at::empty({length + 1, batch, size}, projected.options());
+  states[0].zero_();  // h_0; every later state is written by its step
   auto saved = at::empty({length, batch, 4, size}, projected.options());
   auto hidden = at::empty({batch, 3 * size}, projected.options());
   const auto weight_t = weight.t();
