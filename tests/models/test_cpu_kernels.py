@@ -85,7 +85,7 @@ def test_gated_recurrence_uses_the_kernels_for_float32_on_cpu():
 def test_kernels_reject_other_dtypes_by_name():
     (x, weight_ih, bias_ih, weight_hh, bias_hh), attention, _ = _inputs(2, 2, 2)
     projected = F.linear(x, weight_ih).double()
-    with pytest.raises(RuntimeError, match="must be a float32 CPU tensor"):
+    with pytest.raises(RuntimeError, match="gated_forward takes float32 CPU tensors, got Double"):
         torch.ops.attention_ctr_kernels.gated_forward(
             projected, bias_ih, weight_hh, bias_hh, attention
         )

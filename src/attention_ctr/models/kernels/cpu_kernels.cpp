@@ -134,9 +134,9 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
   }
 }
 
-void check(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
-              "gated recurrence kernels: ", name, " must be a float32 CPU tensor");
+void check(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "attention_ctr CPU kernels: ",
+              op, " takes float32 CPU tensors, got ", x.scalar_type(), " on ", x.device());
 }
 
 // projected [B, L, 3H] = W_i x_t (bias_ih b_i [3H] is added here), weight U [3H, H], bias b_h
@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
                                                  const at::Tensor& bias,
                                                  const at::Tensor& attention_in) {
   for (const auto* x : {&projected_in, &bias_ih, &weight, &bias, &attention_in}) {
-    check(*x, "input");
+    check(*x, "gated_forward");
   }
   const auto projected = projected_in.contiguous();
   const auto attention = attention_in.contiguous();
@@ -193,7 +193,9 @@ std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
     const at::Tensor& upstream_in, const at::Tensor& states, const at::Tensor& saved,
     const at::Tensor& weight, const at::Tensor& attention_in) {
-  for (const auto* x : {&upstream_in, &states, &saved, &weight, &attention_in}) check(*x, "input");
+  for (const auto* x : {&upstream_in, &states, &saved, &weight, &attention_in}) {
+    check(*x, "gated_backward");
+  }
   const auto upstream = upstream_in.contiguous();
   const auto attention = attention_in.contiguous();
   const int64_t length = saved.size(0), batch = saved.size(1), size = saved.size(3);
@@ -351,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> bias_prelu_forward(const at::Tensor& z_in,
                                                       const at::Tensor& bias,
                                                       const at::Tensor& slope,
                                                       const at::Tensor& addend_in) {
-  for (const auto* x : {&z_in, &bias, &slope, &addend_in}) check(*x, "input");
+  for (const auto* x : {&z_in, &bias, &slope, &addend_in}) check(*x, "bias_prelu_forward");
   const auto z = z_in.contiguous();
   const auto addend = addend_in.contiguous();
   const int64_t rows = z.size(0), columns = z.size(1);
@@ -376,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor> bias_prelu_forward(const at::Tensor& z_in,
 // dL/daddend [M, C] (summed over the rows that share it; empty without an addend)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_prelu_backward(
     const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& slope, int64_t period) {
-  for (const auto* x : {&grad_in, &h, &slope}) check(*x, "input");
+  for (const auto* x : {&grad_in, &h, &slope}) check(*x, "bias_prelu_backward");
   const auto grad = grad_in.contiguous();
   const int64_t rows = h.size(0), columns = h.size(1);
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -407,7 +409,9 @@ std::tuple<at::Tensor, at::Tensor> prelu_linear_forward(const at::Tensor& z_in,
                                                         const at::Tensor& slope,
                                                         const at::Tensor& out_weight,
                                                         const at::Tensor& out_bias) {
-  for (const auto* x : {&z_in, &bias, &slope, &out_weight, &out_bias}) check(*x, "input");
+  for (const auto* x : {&z_in, &bias, &slope, &out_weight, &out_bias}) {
+    check(*x, "prelu_linear_forward");
+  }
   const auto z = z_in.contiguous();
   const int64_t rows = z.size(0), columns = z.size(1);
   TORCH_CHECK(out_weight.numel() == columns && out_bias.numel() == 1,
@@ -432,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor> prelu_linear_forward(const at::Tensor& z_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prelu_linear_backward(
     const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& slope,
     const at::Tensor& out_weight) {
-  for (const auto* x : {&grad_in, &h, &slope, &out_weight}) check(*x, "input");
+  for (const auto* x : {&grad_in, &h, &slope, &out_weight}) check(*x, "prelu_linear_backward");
   const auto grad = grad_in.contiguous();
   const int64_t rows = h.size(0), columns = h.size(1);
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -465,7 +469,7 @@ at::Tensor gather_positions_forward(at::TensorList sources, const at::Tensor& ro
   TORCH_CHECK(!sources.empty(), "gather_positions: no sources");
   const auto& first = sources[0];
   for (const auto& x : sources) {
-    check(x, "source");
+    check(x, "gather_positions_forward");
     TORCH_CHECK(x.dim() == 3 && x.sizes() == first.sizes() && x.stride(2) == 1,
                 "gather_positions: sources must be [B, L, E] alike with a contiguous last dim");
   }
@@ -496,7 +500,7 @@ at::Tensor gather_positions_forward(at::TensorList sources, const at::Tensor& ro
 // are distinct, so this is a plain write, not an accumulating scatter.
 at::Tensor gather_positions_backward(const at::Tensor& grad_in, const at::Tensor& row,
                                      const at::Tensor& position, int64_t batch, int64_t length) {
-  check(grad_in, "grad");
+  check(grad_in, "gather_positions_backward");
   const auto grad = grad_in.contiguous();
   const int64_t k_count = grad.size(0), count = grad.size(1), width = grad.size(2);
   auto out = at::empty({k_count, batch, length, width}, grad.options());
