@@ -12,9 +12,7 @@ import ctypes
 import ctypes.util
 import logging
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +25,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from attention_ctr.models.cpu_kernels import has_cxx_compiler
 from attention_ctr.sequences import SampleTensors
 
 logger = logging.getLogger(__name__)
@@ -126,12 +125,6 @@ def _check_cpu_bf16(device: torch.device, config: TrainingConfig) -> None:
             "training.bf16_on_cpu: this CPU has no native bf16 (AVX512-BF16 or AMX); "
             "bf16 matmuls will be emulated and slower than float32"
         )
-
-
-def has_cxx_compiler() -> bool:
-    """Whether torch.compile can build CPU kernels here ($CXX, g++, c++ or clang++)."""
-    names = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
-    return any(shutil.which(name) for name in names if name)
 
 
 def _cpu_has_native_bf16() -> bool:

@@ -155,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
   const int64_t size = weight.size(1);
   TORCH_CHECK(projected.size(2) == 3 * size && weight.size(0) == 3 * size &&
                   bias_ih.numel() == 3 * size && bias.numel() == 3 * size,
-              "gated recurrence kernels: projected [B, L, 3H], weight [3H, H], biases [3H] "
-              "disagree");
+              "attention_ctr CPU kernels: gated_forward's projected [B, L, 3H], weight "
+              "[3H, H] and biases [3H] disagree");
   const bool augru = attention.numel() > 0;
   auto states = at::empty({length + 1, batch, size}, projected.options());
   states[0].zero_();  // h_0; every later state is written by its step
@@ -251,6 +251,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
 
 constexpr int64_t kRowsPerBlock = 256;  // column sums: fixed row blocks, summed in order
 
+inline float prelu(float x, float slope) { return x > 0.f ? x : slope * x; }
+
+// Column sums of `width` values a backward pass adds up over rows: each block of
+// kRowsPerBlock rows adds into its own row of a [blocks, width] buffer (accumulate(first,
+// last, sums)), and the blocks are summed in order, so the result does not depend on threads.
+template <typename Accumulate>
+at::Tensor block_sums(int64_t rows, int64_t width, const at::TensorOptions& options,
+                      const Accumulate& accumulate) {
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  auto partial = at::zeros({blocks, width}, options);
+  float* sums = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kRowsPerBlock;
+      accumulate(first, std::min(rows, first + kRowsPerBlock), sums + block * width);
+    }
+  });
+  return partial.sum(0);
+}
+
 void bias_prelu_rows(int64_t begin, int64_t end, int64_t columns, int64_t period,
                      const float* __restrict__ z, const float* __restrict__ bias,
                      const float* __restrict__ slope, const float* __restrict__ addend,
@@ -265,14 +285,14 @@ void bias_prelu_rows(int64_t begin, int64_t end, int64_t columns, int64_t period
       for (int64_t c = 0; c < columns; ++c) {
         const float x = zr[c] + bias[c] + ar[c];
         hr[c] = x;
-        outr[c] = x > 0.f ? x : slope[c] * x;
+        outr[c] = prelu(x, slope[c]);
       }
     } else {
 #pragma omp simd
       for (int64_t c = 0; c < columns; ++c) {
         const float x = zr[c] + bias[c];
         hr[c] = x;
-        outr[c] = x > 0.f ? x : slope[c] * x;
+        outr[c] = prelu(x, slope[c]);
       }
     }
   }
@@ -298,9 +318,6 @@ void prelu_backward_rows(int64_t begin, int64_t end, int64_t columns,
   }
 }
 
-// out = PReLU(z + bias + addend[r % M]) for z [R, C], bias and slope [C], addend [M, C] with
-// R a multiple of M (or empty): the Linear's bias and a broadcast sum fused into one pass.
-// -> (out, h = the PReLU's input, saved for the backward).
 void prelu_linear_rows(int64_t begin, int64_t end, int64_t columns,
                        const float* __restrict__ z, const float* __restrict__ bias,
                        const float* __restrict__ slope, const float* __restrict__ out_weight,
@@ -313,7 +330,7 @@ void prelu_linear_rows(int64_t begin, int64_t end, int64_t columns,
     for (int64_t c = 0; c < columns; ++c) {
       const float x = zr[c] + bias[c];
       hr[c] = x;
-      logit += (x > 0.f ? x : slope[c] * x) * out_weight[c];
+      logit += prelu(x, slope[c]) * out_weight[c];
     }
     logits[r] = logit + out_bias;
   }
@@ -343,12 +360,15 @@ void prelu_linear_backward_rows(int64_t begin, int64_t end, int64_t columns,
       dr[c] = d;
       d_bias[c] += d;
       d_slope[c] += positive ? 0.f : d_activation * hr[c];
-      d_out_weight[c] += g * (positive ? hr[c] : slope[c] * hr[c]);
+      d_out_weight[c] += g * prelu(hr[c], slope[c]);
     }
   }
   sums[3 * columns] += d_out_bias;
 }
 
+// out = PReLU(z + bias + addend[r % M]) for z [R, C], bias and slope [C], addend [M, C] with
+// R a multiple of M (or empty): the Linear's bias and a broadcast sum fused into one pass.
+// -> (out, h = the PReLU's input, saved for the backward).
 std::tuple<at::Tensor, at::Tensor> bias_prelu_forward(const at::Tensor& z_in,
                                                       const at::Tensor& bias,
                                                       const at::Tensor& slope,
@@ -381,25 +401,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_prelu_backward(
   for (const auto* x : {&grad_in, &h, &slope}) check(*x, "bias_prelu_backward");
   const auto grad = grad_in.contiguous();
   const int64_t rows = h.size(0), columns = h.size(1);
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   auto dz = at::empty_like(h);
-  auto partial = at::zeros({blocks, 2, columns}, h.options());  // d bias, d slope per block
   const float* gp = grad.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const float* sp = slope.data_ptr<float>();
   float* dp = dz.data_ptr<float>();
-  float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t first = block * kRowsPerBlock, last = std::min(rows, first + kRowsPerBlock);
-      float* d_bias = pp + block * 2 * columns;
-      prelu_backward_rows(first, last, columns, gp, hp, sp, dp, d_bias, d_bias + columns);
-    }
-  });
-  auto sums = partial.sum(0);  // [2, C], blocks in order
+  auto sums = block_sums(rows, 2 * columns, h.options(), [&](int64_t first, int64_t last,
+                                                             float* d_bias) {
+    prelu_backward_rows(first, last, columns, gp, hp, sp, dp, d_bias, d_bias + columns);
+  });  // [d bias, d slope]
   auto d_addend = period ? dz.view({rows / period, period, columns}).sum(0)
                          : at::empty({0, columns}, h.options());
-  return {dz, sums[0], sums[1], d_addend};
+  return {dz, sums.narrow(0, 0, columns), sums.narrow(0, columns, columns), d_addend};
 }
 
 // logits = PReLU(z + bias) w_out + b_out for z [R, C] and an output Linear with ONE unit
@@ -439,24 +452,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prelu_lin
   for (const auto* x : {&grad_in, &h, &slope, &out_weight}) check(*x, "prelu_linear_backward");
   const auto grad = grad_in.contiguous();
   const int64_t rows = h.size(0), columns = h.size(1);
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   auto dz = at::empty_like(h);
-  auto partial = at::zeros({blocks, 3 * columns + 1}, h.options());
   const float* gp = grad.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const float* sp = slope.data_ptr<float>();
   const auto weight = out_weight.contiguous();
   const float* wp = weight.data_ptr<float>();
   float* dp = dz.data_ptr<float>();
-  float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t first = block * kRowsPerBlock, last = std::min(rows, first + kRowsPerBlock);
-      prelu_linear_backward_rows(first, last, columns, gp, hp, sp, wp, dp,
-                                 pp + block * (3 * columns + 1));
-    }
-  });
-  auto sums = partial.sum(0);
+  auto sums = block_sums(rows, 3 * columns + 1, h.options(), [&](int64_t first, int64_t last,
+                                                                 float* block) {
+    prelu_linear_backward_rows(first, last, columns, gp, hp, sp, wp, dp, block);
+  });  // [d bias, d slope, d w_out, d b_out]
   return {dz, sums.narrow(0, 0, columns), sums.narrow(0, columns, columns),
           sums.narrow(0, 2 * columns, columns).view({1, columns}),
           sums.narrow(0, 3 * columns, 1)};
