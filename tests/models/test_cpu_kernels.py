@@ -1,5 +1,7 @@
 """The fused C++ kernels against the eager torch code they replace."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,9 +14,17 @@ from attention_ctr.models.layers import (
     gather_positions,
 )
 
+# Skipped only without a compiler (or switched off): a failed build must fail these tests.
 needs_kernels = pytest.mark.skipif(
-    not cpu_kernels.available(), reason="the fused CPU kernels need a C++ compiler"
+    not cpu_kernels.has_cxx_compiler()
+    or os.environ.get(cpu_kernels.ENV_SWITCH, "1").strip().lower() in {"0", "false", "no", "off"},
+    reason="the fused CPU kernels need a C++ compiler",
 )
+
+
+@needs_kernels
+def test_kernels_build_where_there_is_a_compiler():
+    assert cpu_kernels.available()
 
 
 def _inputs(batch, length, size, seed=0):
@@ -62,6 +72,32 @@ def test_fused_recurrence_matches_eager(augru, batch, length, size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
+def test_fused_recurrence_reads_strided_inputs_and_gradients_uncopied(augru):
+    """The input as a slice of a wider tensor (DIEN's history is a slice of one embedding) and
+    a step-major upstream gradient give the same results as contiguous ones."""
+    inputs, attention, upstream = _inputs(19, 7, 6)
+    x, *weights = inputs
+    weights = [w.requires_grad_() for w in weights]
+    attention = attention.requires_grad_() if augru else None
+    wider = torch.cat([x, torch.randn(19, 3, 3)], dim=1).requires_grad_()  # [B, L + 3, I]
+    strided_up = upstream.transpose(0, 1).contiguous().transpose(0, 1)  # [B, L, H] step-major
+    assert not wider[:, :7].is_contiguous() and not strided_up.is_contiguous()
+    leaves = weights + ([attention] if augru else [])
+    got = gated_recurrence(wider[:, :7], *weights, attention)
+    got_grads = torch.autograd.grad(got, [wider, *leaves], strided_up)
+    dense_x = x.clone().requires_grad_()
+    want = gated_recurrence(dense_x, *weights, attention)
+    want_grads = torch.autograd.grad(want, [dense_x, *leaves], upstream)
+    assert type(got.grad_fn).__name__ == "FusedGatedRecurrenceBackward"
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(got_grads[0][:, :7], want_grads[0], atol=0, rtol=0)
+    assert not got_grads[0][:, 7:].any()
+    for a, b in zip(got_grads[1:], want_grads[1:]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_kernels
 def test_fused_augru_zero_attention_keeps_the_state_exactly():
     inputs, attention, _ = _inputs(8, 6, 4)
     attention[:, 3:] = 0.0  # padding after step 3
@@ -84,10 +120,9 @@ def test_gated_recurrence_uses_the_kernels_for_float32_on_cpu():
 @needs_kernels
 def test_kernels_reject_other_dtypes_by_name():
     (x, weight_ih, bias_ih, weight_hh, bias_hh), attention, _ = _inputs(2, 2, 2)
-    projected = F.linear(x, weight_ih).double()
     with pytest.raises(RuntimeError, match="gated_forward takes float32 CPU tensors, got Double"):
         torch.ops.attention_ctr_kernels.gated_forward(
-            projected, bias_ih, weight_hh, bias_hh, attention
+            x.double(), weight_ih, bias_ih, weight_hh, bias_hh, attention
         )
 
 

@@ -20,8 +20,8 @@ Paper: Guorui Zhou, Na Mou, Ying Fan, Qi Pi, Weijie Bian, Chang Zhou, Xiaoqiang 
    h'_t = (1 - u'_t) * h'_{t-1} + u'_t * h~_t, so padded steps (a_t = 0) keep the state and
    the final state is the one after the last real behaviour. The input projections of all
    timesteps are one matmul before the loop; the loop does the hidden matmul and elementwise
-   (in training inside `gated_recurrence`: fused kernels on CPU, hand-written
-   backpropagation through time elsewhere).
+   (in training inside `gated_recurrence`: fused kernels on CPU, which project each step's
+   input inside the loop, hand-written backpropagation through time elsewhere).
    The AUGRU's own biases (input and hidden) are separate parameters. For ONNX export the
    loop is traced unrolled, so the model pads to `max_history` steps while exporting: the
    exported graph takes any L <= max_history.

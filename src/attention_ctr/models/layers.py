@@ -579,12 +579,13 @@ def gated_recurrence(
     """All states `[B, L, H]` of a GRU-type recurrence over `x` `[B, L, I]` from h_0 = 0, for
     training.
 
-    Parameters as in `nn.GRU` (gates stacked [r, update, candidate]); the input projections
-    W_i x_t + b_i of all steps are one matmul. With `attention` `[B, L]` this is the AUGRU
-    (update gate u, h_t = h_{t-1} + a_t u_t (h~_t - h_{t-1})); without, it is exactly
-    `nn.GRU` (its gate z keeps the old state: h_t = h_{t-1} + (1 - z_t) (h~_t - h_{t-1})).
-    On CPU (float32, bf16) the loop runs in the fused C++ kernels (`cpu_kernels`), which also
-    add b_i and sum its gradient; otherwise (float64, GPU, no compiler) in `_GatedRecurrence`:
+    Parameters as in `nn.GRU` (gates stacked [r, update, candidate]). With `attention`
+    `[B, L]` this is the AUGRU (update gate u, h_t = h_{t-1} + a_t u_t (h~_t - h_{t-1}));
+    without, it is exactly `nn.GRU` (its gate z keeps the old state: h_t = h_{t-1} +
+    (1 - z_t) (h~_t - h_{t-1})). On CPU (float32, bf16) the loop runs in the fused C++
+    kernels (`cpu_kernels`), which also project each step's input W_i x_t + b_i inside it
+    (`x` may be a strided view: it is not copied); otherwise the input projections of all
+    steps are one matmul and the loop runs (float64, GPU, no compiler) in `_GatedRecurrence`:
     the same arithmetic with backpropagation through time written by hand, the loop keeping
     only what depends on the previous state.
     """
@@ -592,9 +593,8 @@ def gated_recurrence(
         attention = x.new_empty(0)
     if x.device.type == "cpu" and x.dtype != torch.float64 and not torch.compiler.is_compiling():
         if cpu_kernels.available():  # builds the C++ kernels on first use
-            projected = F.linear(x, weight_ih)
             return cpu_kernels.fused_gated_recurrence(
-                projected, bias_ih, weight_hh, bias_hh, attention
+                x, weight_ih, bias_ih, weight_hh, bias_hh, attention
             )
     projected = F.linear(x, weight_ih, bias_ih)
     return _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)

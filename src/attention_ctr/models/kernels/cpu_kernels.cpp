@@ -1,8 +1,10 @@
 // Fused CPU kernels for training (see cpu_kernels.py): the GRU / AUGRU recurrence and PReLU.
 //
 // Recurrence: rows are independent, so each thread of torch's own pool (at::parallel_for) runs
-// the whole time loop for its share of the batch: per step one MKL matmul on those rows plus ONE
-// pass that computes every gate, the new state and what the backward needs. Eager torch
+// the whole time loop for its share of the batch: per step two MKL matmuls on those rows (the
+// input projection W_i x_t and U h_{t-1}) plus ONE pass that computes every gate, the new state
+// and what the backward needs; the backward takes the input's and the weights' gradient terms
+// step by step while they are in cache, so no [B, L, 3H] tensor is ever written. Eager torch
 // spends ~10 ops and two thread-pool round trips per step on the same work, and its backward
 // ~15 extra passes over [L, B, H] tensors. float32 only. The matmuls' rounding may depend on
 // how many rows a thread takes, so results are reproducible for a given thread count.
@@ -47,9 +49,9 @@ inline float fast_tanh(float x) {
 
 inline float fast_sigmoid(float x) { return 0.5f * fast_tanh(0.5f * x) + 0.5f; }
 
-// Step t for rows [begin, end). projected = W_i x (no bias) [B, L, 3H], bias_ih b_i [3H],
-// hidden = U h_{t-1} + b_h [B, 3H]; states [L+1, B, H]; saved [L, B, 4, H] = r_t, the update
-// gate (u_t AUGRU, z_t GRU), U_n h_{t-1} + b_hn, h~_t.
+// Step t for rows [begin, end). projected = this step's W_i x_t (no bias) [B, 3H], bias_ih b_i
+// [3H], hidden = U h_{t-1} + b_h [B, 3H]; states [L+1, B, H]; saved [L, B, 4, H] = r_t, the
+// update gate (u_t AUGRU, z_t GRU), U_n h_{t-1} + b_hn, h~_t.
 void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
                   int64_t size, const float* __restrict__ projected,
                   const float* __restrict__ bias_ih, const float* __restrict__ hidden,
@@ -58,7 +60,7 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
   const int64_t gates = 3 * size;
   const bool augru = attention != nullptr;
   for (int64_t b = begin; b < end; ++b) {
-    const float* __restrict__ x = projected + (b * length + t) * gates;
+    const float* __restrict__ x = projected + b * gates;
     const float* __restrict__ g = hidden + b * gates;
     const float* __restrict__ h = states + (t * batch + b) * size;
     float* __restrict__ h_next = states + ((t + 1) * batch + b) * size;
@@ -81,27 +83,28 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
   }
 }
 
-// Backward of step t for rows [begin, end). grad = dL/dh_t = carry + upstream_t. Writes
-// dL/dprojected_t, dL/dhidden_t [B, 3H] (for U's gradient), dL/da_t, keep = grad (1 - update):
+// Backward of step t for rows [begin, end). grad = dL/dh_t = carry + upstream_t (upstream row
+// b, step t at b * up_row + t * up_step). Writes this step's dL/dprojected_t and dL/dhidden_t
+// [B, 3H] (for the input's and U's gradients), dL/da_t, keep = grad (1 - update):
 // dL/dh_{t-1} = keep + dL/dhidden_t U (the addmm after this). Adds the rows' dL/dprojected and
 // dL/dhidden to `bias_sums` [2, 3H] (the gradients of b_i and b_h).
 void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
-                   int64_t size, const float* __restrict__ upstream,
-                   const float* __restrict__ states, const float* __restrict__ saved,
-                   const float* __restrict__ attention, const float* __restrict__ carry,
-                   float* __restrict__ keep, float* __restrict__ d_projected,
-                   float* __restrict__ d_hidden, float* __restrict__ d_attention,
-                   float* __restrict__ bias_sums) {
+                   int64_t size, const float* __restrict__ upstream, int64_t up_row,
+                   int64_t up_step, const float* __restrict__ states,
+                   const float* __restrict__ saved, const float* __restrict__ attention,
+                   const float* __restrict__ carry, float* __restrict__ keep,
+                   float* __restrict__ d_projected, float* __restrict__ d_hidden,
+                   float* __restrict__ d_attention, float* __restrict__ bias_sums) {
   const int64_t gates = 3 * size;
   const bool augru = attention != nullptr;
   for (int64_t b = begin; b < end; ++b) {
-    const float* __restrict__ up = upstream + (b * length + t) * size;
+    const float* __restrict__ up = upstream + b * up_row + t * up_step;
     const float* __restrict__ previous = states + (t * batch + b) * size;
     const float* __restrict__ s = saved + (t * batch + b) * 4 * size;
     const float* __restrict__ c = carry + b * size;
     float* __restrict__ k = keep + b * size;
-    float* __restrict__ dp = d_projected + (b * length + t) * gates;
-    float* __restrict__ dh = d_hidden + b * gates;  // this step's, [B, 3H]
+    float* __restrict__ dp = d_projected + b * gates;  // this step's, [B, 3H]
+    float* __restrict__ dh = d_hidden + b * gates;     // this step's, [B, 3H]
     const float a = augru ? attention[b * length + t] : 0.f;
     float* __restrict__ d_bias_ih = bias_sums;
     float* __restrict__ d_bias_hh = bias_sums + gates;  // its r and update parts equal b_i's
@@ -139,77 +142,96 @@ void check(const at::Tensor& x, const char* op) {
               op, " takes float32 CPU tensors, got ", x.scalar_type(), " on ", x.device());
 }
 
-// projected [B, L, 3H] = W_i x_t (bias_ih b_i [3H] is added here), weight U [3H, H], bias b_h
-// [3H], attention [B, L] (empty: GRU) -> states [L + 1, B, H] with h_0 = 0, saved [L, B, 4, H].
-std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& projected_in,
+// The rows' inputs need only a unit stride along their last dimension (views such as DIEN's
+// history, a slice of one embedding, or the extractor's states go to the matmuls uncopied).
+at::Tensor unit_last_stride(const at::Tensor& x) {
+  return x.stride(-1) == 1 ? x : x.contiguous();
+}
+
+// x [B, L, I], weight_ih W_i [3H, I], bias_ih b_i [3H], weight U [3H, H], bias b_h [3H],
+// attention [B, L] (empty: GRU) -> states [L + 1, B, H] with h_0 = 0, saved [L, B, 4, H].
+// Each step's input projection W_i x_t is computed in the loop, for the thread's rows only.
+std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& x_in,
+                                                 const at::Tensor& weight_ih,
                                                  const at::Tensor& bias_ih,
                                                  const at::Tensor& weight,
                                                  const at::Tensor& bias,
                                                  const at::Tensor& attention_in) {
-  for (const auto* x : {&projected_in, &bias_ih, &weight, &bias, &attention_in}) {
+  for (const auto* x : {&x_in, &weight_ih, &bias_ih, &weight, &bias, &attention_in}) {
     check(*x, "gated_forward");
   }
-  const auto projected = projected_in.contiguous();
+  const auto x = unit_last_stride(x_in);
   const auto attention = attention_in.contiguous();
-  const int64_t batch = projected.size(0), length = projected.size(1);
+  const int64_t batch = x.size(0), length = x.size(1);
   const int64_t size = weight.size(1);
-  TORCH_CHECK(projected.size(2) == 3 * size && weight.size(0) == 3 * size &&
-                  bias_ih.numel() == 3 * size && bias.numel() == 3 * size,
-              "attention_ctr CPU kernels: gated_forward's projected [B, L, 3H], weight "
-              "[3H, H] and biases [3H] disagree");
+  TORCH_CHECK(x.dim() == 3 && weight_ih.size(0) == 3 * size && weight_ih.size(1) == x.size(2) &&
+                  weight.size(0) == 3 * size && bias_ih.numel() == 3 * size &&
+                  bias.numel() == 3 * size,
+              "attention_ctr CPU kernels: gated_forward's x [B, L, I], weight_ih [3H, I], "
+              "weight [3H, H] and biases [3H] disagree");
   const bool augru = attention.numel() > 0;
-  auto states = at::empty({length + 1, batch, size}, projected.options());
+  auto states = at::empty({length + 1, batch, size}, x.options());
   states[0].zero_();  // h_0; every later state is written by its step
-  auto saved = at::empty({length, batch, 4, size}, projected.options());
-  auto hidden = at::empty({batch, 3 * size}, projected.options());
+  auto saved = at::empty({length, batch, 4, size}, x.options());
+  auto projected = at::empty({batch, 3 * size}, x.options());  // one step's W_i x_t
+  auto hidden = at::empty({batch, 3 * size}, x.options());     // one step's U h + b_h
+  const auto weight_ih_t = weight_ih.t();
   const auto weight_t = weight.t();
-  const float* x = projected.data_ptr<float>();
+  const float* p = projected.data_ptr<float>();
   const float* bi = bias_ih.data_ptr<float>();
   const float* g = hidden.data_ptr<float>();
   const float* a = augru ? attention.data_ptr<float>() : nullptr;
   float* h = states.data_ptr<float>();
   float* s = saved.data_ptr<float>();
-  // Rows are independent: each thread runs the whole time loop for its own rows (its matmul
+  // Rows are independent: each thread runs the whole time loop for its own rows (its matmuls
   // single-threaded inside the parallel region), with no synchronisation between steps.
   const int64_t chunk = rows_per_thread(batch);
   at::parallel_for(0, (batch + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       at::NoGradGuard no_grad;  // grad mode is thread-local: off here as in the caller
-      const int64_t begin = c * chunk, end = std::min(batch, begin + chunk);
-      auto hidden_rows = hidden.narrow(0, begin, end - begin);
+      const int64_t begin = c * chunk, end = std::min(batch, begin + chunk), n = end - begin;
+      auto projected_rows = projected.narrow(0, begin, n);
+      auto hidden_rows = hidden.narrow(0, begin, n);
       for (int64_t t = 0; t < length; ++t) {
-        at::addmm_out(hidden_rows, bias, states[t].narrow(0, begin, end - begin), weight_t);
-        forward_rows(begin, end, t, batch, length, size, x, bi, g, a, h, s);
+        at::mm_out(projected_rows, x.select(1, t).narrow(0, begin, n), weight_ih_t);
+        at::addmm_out(hidden_rows, bias, states[t].narrow(0, begin, n), weight_t);
+        forward_rows(begin, end, t, batch, length, size, p, bi, g, a, h, s);
       }
     }
   });
   return {states, saved};
 }
 
-// upstream dL/dh [B, L, H] -> dL/dprojected [B, L, 3H], dL/dU [3H, H], dL/da [B, L] (empty
-// for the GRU), dL/db_i [3H], dL/db_h [3H]. U's gradient sum_t dL/dhidden_t^T h_{t-1} is
-// accumulated step by step while dL/dhidden_t is still in cache (per thread, then summed in
-// order), so the [L, B, 3H] tensor of them is never written.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
-    const at::Tensor& upstream_in, const at::Tensor& states, const at::Tensor& saved,
-    const at::Tensor& weight, const at::Tensor& attention_in) {
-  for (const auto* x : {&upstream_in, &states, &saved, &weight, &attention_in}) {
+// upstream dL/dh [B, L, H] -> dL/dx [L, B, I] (step-major: transpose it), dL/dW_i [3H, I],
+// dL/dU [3H, H], dL/da [B, L] (empty for the GRU), dL/db_i [3H], dL/db_h [3H]. Per step and
+// thread, dL/dx_t = dL/dprojected_t W_i and the weight gradients' terms are taken while this
+// step's gradients are in cache (the weight terms summed per thread, then in order), so no
+// [L, B, 3H] gradient is ever written.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::Tensor& states,
+               const at::Tensor& saved, const at::Tensor& weight_ih, const at::Tensor& weight,
+               const at::Tensor& attention_in) {
+  for (const auto* x : {&upstream_in, &x_in, &states, &saved, &weight_ih, &weight,
+                        &attention_in}) {
     check(*x, "gated_backward");
   }
-  const auto upstream = upstream_in.contiguous();
+  const auto upstream = unit_last_stride(upstream_in);
+  const auto x = unit_last_stride(x_in);
   const auto attention = attention_in.contiguous();
   const int64_t length = saved.size(0), batch = saved.size(1), size = saved.size(3);
-  const int64_t gates = 3 * size;
+  const int64_t gates = 3 * size, inputs = x.size(2);
   const bool augru = attention.numel() > 0;
   // Blocks of kRowsPerTask rows, each with its own bias sums (added up in block order).
   const int64_t blocks = (batch + kRowsPerTask - 1) / kRowsPerTask;
-  auto d_projected = at::empty({batch, length, gates}, upstream.options());
-  auto d_hidden = at::empty({batch, gates}, upstream.options());  // one step's
+  auto d_x = at::empty({length, batch, inputs}, upstream.options());
+  auto d_projected = at::empty({batch, gates}, upstream.options());  // one step's
+  auto d_hidden = at::empty({batch, gates}, upstream.options());     // one step's
   auto d_attention = at::empty({augru ? batch : 0, length}, upstream.options());
   auto bias_sums = at::zeros({blocks, 2, gates}, upstream.options());
   auto carry = at::zeros({batch, size}, upstream.options());
   auto keep = at::empty({batch, size}, upstream.options());
   const float* up = upstream.data_ptr<float>();
+  const int64_t up_row = upstream.stride(0), up_step = upstream.stride(1);
   const float* h = states.data_ptr<float>();
   const float* s = saved.data_ptr<float>();
   const float* a = augru ? attention.data_ptr<float>() : nullptr;
@@ -221,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
   float* sums = bias_sums.data_ptr<float>();
   const int64_t chunk = rows_per_thread(batch);  // a multiple of kRowsPerTask
   const int64_t parts = (batch + chunk - 1) / chunk;
+  auto weight_ih_sums = at::zeros({parts, gates, inputs}, upstream.options());
   auto weight_sums = at::zeros({parts, gates, size}, upstream.options());
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     for (int64_t part = first; part < last; ++part) {
@@ -228,13 +251,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
       const int64_t begin = part * chunk, end = std::min(batch, begin + chunk), n = end - begin;
       auto carry_rows = carry.narrow(0, begin, n);
       auto keep_rows = keep.narrow(0, begin, n);
+      auto d_projected_rows = d_projected.narrow(0, begin, n);
       auto d_hidden_rows = d_hidden.narrow(0, begin, n);
+      auto d_weight_ih = weight_ih_sums[part];
       auto d_weight = weight_sums[part];
       for (int64_t t = length - 1; t >= 0; --t) {
         for (int64_t row = begin; row < end; row += kRowsPerTask) {
-          backward_rows(row, std::min(end, row + kRowsPerTask), t, batch, length, size, up, h,
-                        s, a, c, k, dp, dh, da, sums + row / kRowsPerTask * 2 * gates);
+          backward_rows(row, std::min(end, row + kRowsPerTask), t, batch, length, size, up,
+                        up_row, up_step, h, s, a, c, k, dp, dh, da,
+                        sums + row / kRowsPerTask * 2 * gates);
         }
+        auto d_x_rows = d_x[t].narrow(0, begin, n);
+        at::mm_out(d_x_rows, d_projected_rows, weight_ih);
+        d_weight_ih.addmm_(d_projected_rows.t(), x.select(1, t).narrow(0, begin, n));
         if (t > 0) {  // h_0 = 0 adds nothing to U's gradient and has no gradient itself
           d_weight.addmm_(d_hidden_rows.t(), states[t].narrow(0, begin, n));
           // dL/dh_{t-1} = keep + dL/dhidden_t U
@@ -246,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
   auto total = bias_sums.sum(0);  // [2, 3H]
   auto d_bias_hh = total[1];
   d_bias_hh.narrow(0, 0, 2 * size).copy_(total[0].narrow(0, 0, 2 * size));
-  return {d_projected, weight_sums.sum(0), d_attention, total[0], d_bias_hh};
+  return {d_x, weight_ih_sums.sum(0), weight_sums.sum(0), d_attention, total[0], d_bias_hh};
 }
 
 constexpr int64_t kRowsPerBlock = 256;  // column sums: fixed row blocks, summed in order
@@ -544,10 +573,11 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
         " -> (Tensor, Tensor)");
   m.def("bias_prelu_backward(Tensor grad, Tensor h, Tensor slope, int period)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("gated_forward(Tensor projected, Tensor bias_ih, Tensor weight, Tensor bias,"
+  m.def("gated_forward(Tensor x, Tensor weight_ih, Tensor bias_ih, Tensor weight, Tensor bias,"
         " Tensor attention) -> (Tensor, Tensor)");
-  m.def("gated_backward(Tensor upstream, Tensor states, Tensor saved, Tensor weight,"
-        " Tensor attention) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_backward(Tensor upstream, Tensor x, Tensor states, Tensor saved,"
+        " Tensor weight_ih, Tensor weight, Tensor attention)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
