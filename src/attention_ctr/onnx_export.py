@@ -140,7 +140,10 @@ class _ExportAUGRU(nn.Module):
         self.cell = cell
         self.steps = steps
 
-    def sequence(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    def sequence(
+        self, x: torch.Tensor, attention: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # `lengths` only lets training skip padded steps; a_t = 0 there gives the same state
         return _augru_final_state(self.cell, x, attention, self.steps)
 
 

@@ -97,6 +97,64 @@ def test_fused_recurrence_reads_strided_inputs_and_gradients_uncopied(augru):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _lengths(batch, length, seed=1):
+    lengths = torch.randint(0, length + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+    lengths[0], lengths[-1] = length, 0  # a full row and an empty one
+    return lengths
+
+
+def _per_row_reference(x, weight_ih, bias_ih, weight_hh, bias_hh, attention, lengths):
+    """Each row's first lengths[b] steps through the eager recurrence, then its last state
+    repeated (h_0 = 0 for an empty row)."""
+    rows = []
+    for b, n in enumerate(lengths.tolist()):
+        last = x.new_zeros(1, weight_hh.shape[1])
+        states = last[:0]
+        if n:
+            a = None if attention is None else attention[b : b + 1, :n]
+            states = _eager(x[b : b + 1, :n], weight_ih, bias_ih, weight_hh, bias_hh, a)[0]
+            last = states[-1:]
+        rows.append(torch.cat([states, last.expand(x.shape[1] - n, -1)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
+@pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
+@pytest.mark.parametrize("batch,length,size", [(37, 9, 5), (64, 1, 16), (5, 50, 64)])
+def test_recurrence_with_lengths_stops_each_row_at_its_length(
+    kernels, augru, batch, length, size, monkeypatch
+):
+    """States and every gradient equal running each row alone over its real steps, with
+    the kernels (which skip the rest) and in the eager fallback (which masks it)."""
+    if kernels and not cpu_kernels.available():
+        pytest.skip("the fused CPU kernels need a C++ compiler")
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "_state", {"loaded": False})
+    inputs, attention, upstream = _inputs(batch, length, size)
+    lengths = _lengths(batch, length)
+    attention = attention if augru else None
+
+    def stopped(*args):
+        return gated_recurrence(*args, lengths=lengths)
+
+    got = _states_and_grads(stopped, inputs, attention, upstream)
+    want = _states_and_grads(
+        lambda *args: _per_row_reference(*args, lengths), inputs, attention, upstream
+    )
+    expected = "FusedGatedRecurrenceBackward" if kernels else "_GatedRecurrenceBackward"
+    assert type(got[0].grad_fn).__name__ == expected
+    torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@needs_kernels
+def test_kernels_reject_lengths_outside_the_sequence():
+    inputs, attention, _ = _inputs(3, 4, 2)
+    with pytest.raises(RuntimeError, match="row 1's length 5 is outside \\[0, L = 4\\]"):
+        gated_recurrence(*inputs, attention, lengths=torch.tensor([4, 5, 0]))
+
+
 @needs_kernels
 def test_fused_augru_zero_attention_keeps_the_state_exactly():
     inputs, attention, _ = _inputs(8, 6, 4)
@@ -122,7 +180,7 @@ def test_kernels_reject_other_dtypes_by_name():
     (x, weight_ih, bias_ih, weight_hh, bias_hh), attention, _ = _inputs(2, 2, 2)
     with pytest.raises(RuntimeError, match="gated_forward takes float32 CPU tensors, got Double"):
         torch.ops.attention_ctr_kernels.gated_forward(
-            x.double(), weight_ih, bias_ih, weight_hh, bias_hh, attention
+            x.double(), weight_ih, bias_ih, weight_hh, bias_hh, attention, torch.empty(0)
         )
 
 

@@ -189,3 +189,24 @@ def test_cpu_training_extractor_is_the_nn_gru():
         torch.autograd.grad(expected, inputs, upstream),
     ):
         torch.testing.assert_close(got, want)
+
+
+def test_cpu_training_extractor_stops_each_row_at_its_length():
+    """Given the mask, real positions get nn.GRU's states and gradients; padding repeats the
+    last real state."""
+    model = make().train()
+    history = torch.randn(4, 6, 16, requires_grad=True)
+    mask = torch.arange(6) < torch.tensor([6, 3, 1, 0]).unsqueeze(-1)
+    fast = model._interest_states(history, mask)
+    expected, _ = model.extractor(history)
+    torch.testing.assert_close(fast[mask], expected[mask])
+    for b, n in enumerate([6, 3, 1, 0]):
+        last = expected[b, n - 1] if n else torch.zeros(expected.shape[-1])
+        torch.testing.assert_close(fast[b, n:], last.expand(6 - n, -1))
+    upstream = torch.randn_like(expected) * mask.unsqueeze(-1)  # what DIEN reads
+    inputs = [history, *model.extractor.parameters()]
+    for got, want in zip(
+        torch.autograd.grad(fast, inputs, upstream),
+        torch.autograd.grad(expected, inputs, upstream),
+    ):
+        torch.testing.assert_close(got, want)

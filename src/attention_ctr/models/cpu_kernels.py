@@ -3,7 +3,8 @@
 `kernels/cpu_kernels.cpp` holds:
 - the GRU / AUGRU time loop of `layers.gated_recurrence`: per step, for each thread's share
   of the rows, the input projection and the hidden matmul on MKL and one fused pass, forward
-  and backward, so no `[B, L, 3H]` projection or its gradient is ever written (about 3.5x
+  and backward, so no `[B, L, 3H]` projection or its gradient is ever written; given the
+  rows' lengths, rows sorted longest first skip the steps after their length (about 3.5x
   faster than the eager version on 2 cores: 8.0 against 31 ms forward and backward at
   [256, 47, 64], input projection included);
 - a Linear's bias (plus an optional tiled addend) and PReLU in one pass, and its backward in
@@ -121,32 +122,38 @@ class FusedGatedRecurrence(torch.autograd.Function):
     step's input projection W_i x_t + b_i (and its gradients) inside the time loop."""
 
     @staticmethod
-    def forward(ctx, x, weight_ih, bias_ih, attention, weight_hh, bias_hh):  # type: ignore[override]
+    def forward(ctx, x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh):  # type: ignore[override]
         with torch.autocast("cpu", enabled=False):
-            x_, weight_ih_, weight, a = (
-                x.float(),
-                weight_ih.float(),
-                weight_hh.float(),
-                attention.float(),
+            x_, weight_ih_, weight = x.float(), weight_ih.float(), weight_hh.float()
+            a = attention.float()
+            output, states, saved, order = torch.ops.attention_ctr_kernels.gated_forward(
+                x_, weight_ih_, bias_ih.float(), weight, bias_hh.float(), a, lengths
             )
-            states, saved = torch.ops.attention_ctr_kernels.gated_forward(
-                x_, weight_ih_, bias_ih.float(), weight, bias_hh.float(), a
-            )
-        ctx.save_for_backward(x_, states, saved, weight_ih_, weight, a)
-        ctx.dtypes = tuple(t.dtype for t in (x, weight_ih, bias_ih, attention, weight_hh, bias_hh))
-        return states[1:].transpose(0, 1)  # [B, L, H] view
+        ctx.save_for_backward(x_, states, saved, order, lengths, weight_ih_, weight, a)
+        ctx.dtypes = tuple(
+            t.dtype for t in (x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh)
+        )
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_states):  # type: ignore[override]
-        x, states, saved, weight_ih, weight, attention = ctx.saved_tensors
+    def backward(ctx, grad_output):  # type: ignore[override]
+        x, states, saved, order, lengths, weight_ih, weight, attention = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
             d_x, d_weight_ih, d_weight, d_attention, d_bias_ih, d_bias_hh = (
                 torch.ops.attention_ctr_kernels.gated_backward(
-                    grad_states.float(), x, states, saved, weight_ih, weight, attention
+                    grad_output.float(),
+                    x,
+                    states,
+                    saved,
+                    order,
+                    lengths,
+                    weight_ih,
+                    weight,
+                    attention,
                 )
             )
-        gradients = (d_x.transpose(0, 1), d_weight_ih, d_bias_ih, d_attention, d_weight, d_bias_hh)
+        gradients = (d_x, d_weight_ih, d_bias_ih, d_attention, None, d_weight, d_bias_hh)
         return tuple(
             None if x is None or x.numel() == 0 else x.to(dtype)
             for x, dtype in zip(gradients, ctx.dtypes)
@@ -160,9 +167,11 @@ def fused_gated_recurrence(
     weight_hh: Tensor,
     bias_hh: Tensor,
     attention: Tensor,
+    lengths: Tensor,
 ) -> Tensor:
-    """All states `[B, L, H]` over `x` `[B, L, I]`; `attention` empty for the GRU."""
-    return FusedGatedRecurrence.apply(x, weight_ih, bias_ih, attention, weight_hh, bias_hh)
+    """All states `[B, L, H]` over `x` `[B, L, I]`; `attention` empty for the GRU, `lengths`
+    `[B]` empty when every row runs all L steps."""
+    return FusedGatedRecurrence.apply(x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh)
 
 
 def usable(x: Tensor) -> bool:

@@ -106,14 +106,17 @@ class DIEN(CTRModel):
         """-> target `[B, E]`, history `[B, L, E]`, negative history `[B, L, E]` (or None),
         extractor states `[B, L, H]`."""
         target, history, negative = self.embedding.lookup(batch, negatives=negatives)
-        return target, history, negative, self._interest_states(history)
+        return target, history, negative, self._interest_states(history, batch["mask"])
 
-    def _interest_states(self, history: Tensor) -> Tensor:
+    def _interest_states(self, history: Tensor, mask: Tensor | None = None) -> Tensor:
         """Interest extractor: the GRU's hidden states `[B, L, H]` over the padded history.
 
         `self.extractor` is an `nn.GRU` (cuDNN on GPU, an ONNX GRU at export). CPU training
         runs the same GRU, with the same parameters, through `gated_recurrence` (fused
-        kernels): `nn.GRU` backpropagates on CPU through L x ~10 small autograd ops.
+        kernels): `nn.GRU` backpropagates on CPU through L x ~10 small autograd ops. Given the
+        `mask`, it stops each row at its length: the states on padding then repeat the last
+        real one instead of running on over the padding, which nothing downstream reads
+        (attention 0, no auxiliary term, the AUGRU stopped there too).
         """
         gru = self.extractor
         if (
@@ -123,7 +126,8 @@ class DIEN(CTRModel):
             and not torch.onnx.is_in_onnx_export()
         ):
             weights = (gru.weight_ih_l0, gru.bias_ih_l0, gru.weight_hh_l0, gru.bias_hh_l0)
-            return gated_recurrence(history, *weights)
+            lengths = None if mask is None else mask.sum(1)
+            return gated_recurrence(history, *weights, lengths=lengths)
         states, _ = gru(history)
         return states
 
@@ -141,7 +145,8 @@ class DIEN(CTRModel):
             # any L <= max_history (padded steps have a_t = 0 and leave the state unchanged).
             states = pad_positions(states, self.max_history)
             weights = pad_positions(weights.unsqueeze(-1), self.max_history).squeeze(-1)
-        final = self.evolution.sequence(states, weights)  # AUGRU over the L steps: [B, H]
+        # AUGRU over the L steps -> [B, H]; training stops each row at its length
+        final = self.evolution.sequence(states, weights, mask.sum(1) if self.training else None)
         features = torch.cat([final, target, masked_mean(history, mask)], dim=-1)
         return self.mlp(features).squeeze(-1).float()
 

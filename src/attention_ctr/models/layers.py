@@ -548,18 +548,20 @@ class AUGRUCell(nn.Module):
         """`x` `[B, input_size]`, `h` `[B, H]`, `a` `[B]` or `[B, 1]` -> new state `[B, H]`."""
         return self.step(self.input_projection(x), h, a.reshape(-1, 1))
 
-    def sequence(self, x: Tensor, attention: Tensor) -> Tensor:
+    def sequence(self, x: Tensor, attention: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Run over `x` `[B, L, input_size]` with `attention` `[B, L]` from h_0 = 0 -> `[B, H]`.
 
         The input projections of all L steps are one matmul; the loop does the rest. Steps with
-        a_t = 0 (padding) leave the state unchanged. In training (grad enabled) the loop runs
-        in `gated_recurrence` (same arithmetic in float32: fused kernels on CPU, hand-written
-        backpropagation through time elsewhere, instead of an autograd graph of L x ~10 small
-        ops); in eval and export it runs as plain `step`s, which trace to plain ONNX ops.
+        a_t = 0 (padding) leave the state unchanged; with `lengths` `[B]` training skips a
+        row's steps after its length (the same result when a_t = 0 there). In training (grad
+        enabled) the loop runs in `gated_recurrence` (same arithmetic in float32: fused kernels
+        on CPU, hand-written backpropagation through time elsewhere, instead of an autograd
+        graph of L x ~10 small ops); in eval and export it runs as plain `step`s, which trace
+        to plain ONNX ops.
         """
         if self.training and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
             weights = (self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh)
-            return gated_recurrence(x, *weights, attention)[:, -1]
+            return gated_recurrence(x, *weights, attention, lengths)[:, -1]
         projected = self.input_projection(x)  # [B, L, 3H], one matmul for all timesteps
         dtype = torch.promote_types(projected.dtype, torch.float32)
         h = projected.new_zeros(projected.shape[0], self.hidden_size, dtype=dtype)
@@ -575,9 +577,14 @@ def gated_recurrence(
     weight_hh: Tensor,
     bias_hh: Tensor,
     attention: Tensor | None = None,
+    lengths: Tensor | None = None,
 ) -> Tensor:
     """All states `[B, L, H]` of a GRU-type recurrence over `x` `[B, L, I]` from h_0 = 0, for
     training.
+
+    With `lengths` `[B]` (left-aligned rows), row b runs only its first lengths[b] steps: its
+    states after that repeat its last real one (h_0 = 0 for an empty row), whatever `x` and
+    `attention` hold there, and the kernels skip those steps' work.
 
     Parameters as in `nn.GRU` (gates stacked [r, update, candidate]). With `attention`
     `[B, L]` this is the AUGRU (update gate u, h_t = h_{t-1} + a_t u_t (h~_t - h_{t-1}));
@@ -593,9 +600,27 @@ def gated_recurrence(
         attention = x.new_empty(0)
     if x.device.type == "cpu" and x.dtype != torch.float64 and not torch.compiler.is_compiling():
         if cpu_kernels.available():  # builds the C++ kernels on first use
+            no_lengths = torch.empty(0, dtype=torch.long)
             return cpu_kernels.fused_gated_recurrence(
-                x, weight_ih, bias_ih, weight_hh, bias_hh, attention
+                x,
+                weight_ih,
+                bias_ih,
+                weight_hh,
+                bias_hh,
+                attention,
+                no_lengths if lengths is None else lengths,
             )
+    if lengths is not None:
+        running = torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(-1)  # [B, L]
+        if attention.numel():  # a_t = 0 keeps the state
+            attention = attention * running
+        else:  # the GRU as an AUGRU with a_t = 1 while running: u = 1 - z (its gate negated)
+            size = weight_hh.shape[1]
+            sign = torch.ones(3 * size, dtype=weight_hh.dtype, device=weight_hh.device)
+            sign[size : 2 * size] = -1
+            weight_ih, bias_ih = weight_ih * sign.unsqueeze(-1), bias_ih * sign
+            weight_hh, bias_hh = weight_hh * sign.unsqueeze(-1), bias_hh * sign
+            attention = running.to(x.dtype)
     projected = F.linear(x, weight_ih, bias_ih)
     return _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
 

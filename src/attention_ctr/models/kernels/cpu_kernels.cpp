@@ -4,8 +4,10 @@
 // the whole time loop for its share of the batch: per step two MKL matmuls on those rows (the
 // input projection W_i x_t and U h_{t-1}) plus ONE pass that computes every gate, the new state
 // and what the backward needs; the backward takes the input's and the weights' gradient terms
-// step by step while they are in cache, so no [B, L, 3H] tensor is ever written. Eager torch
-// spends ~10 ops and two thread-pool round trips per step on the same work, and its backward
+// step by step while they are in cache, so no [B, L, 3H] tensor is ever written. Given the
+// rows' lengths, a row stops at its own (its later outputs repeat its last state): rows are
+// sorted longest first, so at every step the running ones are a prefix of each thread's.
+// Eager torch spends ~10 ops and two thread-pool round trips per step on the same work, and its backward
 // ~15 extra passes over [L, B, H] tensors. float32 only. The matmuls' rounding may depend on
 // how many rows a thread takes, so results are reproducible for a given thread count.
 #include <ATen/ATen.h>
@@ -14,6 +16,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
+#include <utility>
+#include <vector>
 #include <tuple>
 
 namespace {
@@ -49,22 +54,67 @@ inline float fast_tanh(float x) {
 
 inline float fast_sigmoid(float x) { return 0.5f * fast_tanh(0.5f * x) + 0.5f; }
 
-// Step t for rows [begin, end). projected = this step's W_i x_t (no bias) [B, 3H], bias_ih b_i
-// [3H], hidden = U h_{t-1} + b_h [B, 3H]; states [L+1, B, H]; saved [L, B, 4, H] = r_t, the
-// update gate (u_t AUGRU, z_t GRU), U_n h_{t-1} + b_hn, h~_t.
+// The recurrences' internal row order: rows sorted by length, longest first (stable), then
+// dealt round-robin to the threads' blocks of `chunk` rows. The blocks share the work evenly,
+// and in each block the rows still running at step t are a prefix: one matmul on them. ->
+// order [B] (order[p] = the caller's row at internal position p) and each position's length.
+std::pair<at::Tensor, std::vector<int64_t>> internal_order(const at::Tensor& lengths_in,
+                                                           int64_t batch, int64_t length,
+                                                           int64_t chunk) {
+  auto order = at::empty({batch}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = order.data_ptr<int64_t>();
+  std::vector<int64_t> steps(batch, length);
+  if (lengths_in.numel() == 0) {  // every row runs all L steps
+    std::iota(o, o + batch, int64_t{0});
+    return {order, steps};
+  }
+  TORCH_CHECK(lengths_in.dim() == 1 && lengths_in.numel() == batch,
+              "attention_ctr CPU kernels: lengths must be [B] = [", batch, "], got ",
+              lengths_in.sizes());
+  const auto lengths = lengths_in.to(at::kLong).contiguous();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(len[b] >= 0 && len[b] <= length, "attention_ctr CPU kernels: row ", b,
+                "'s length ", len[b], " is outside [0, L = ", length, "]");
+  }
+  std::vector<int64_t> sorted(batch);
+  std::iota(sorted.begin(), sorted.end(), int64_t{0});
+  std::stable_sort(sorted.begin(), sorted.end(),
+                   [len](int64_t i, int64_t j) { return len[i] > len[j]; });
+  const int64_t parts = (batch + chunk - 1) / chunk;
+  std::vector<int64_t> filled(parts, 0);
+  int64_t part = 0;
+  for (const int64_t row : sorted) {
+    while (filled[part] == std::min(chunk, batch - part * chunk)) part = (part + 1) % parts;
+    const int64_t p = part * chunk + filled[part]++;
+    o[p] = row;
+    steps[p] = len[row];
+    part = (part + 1) % parts;
+  }
+  return {order, steps};
+}
+
+// Step t for the running rows at internal positions [begin, end). projected = this step's
+// W_i x_t (no bias) [B, 3H], bias_ih b_i [3H], hidden = U h_{t-1} + b_h [B, 3H], states
+// [L+1, B, H] and saved [L, B, 4, H] = r_t, the update gate (u_t AUGRU, z_t GRU),
+// U_n h_{t-1} + b_hn, h~_t: all in internal order. attention [B, L] and output [B, L, H] are in
+// the caller's order.
 void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
-                  int64_t size, const float* __restrict__ projected,
-                  const float* __restrict__ bias_ih, const float* __restrict__ hidden,
-                  const float* __restrict__ attention, float* __restrict__ states,
-                  float* __restrict__ saved) {
+                  int64_t size, const int64_t* __restrict__ order,
+                  const float* __restrict__ projected, const float* __restrict__ bias_ih,
+                  const float* __restrict__ hidden, const float* __restrict__ attention,
+                  float* __restrict__ states, float* __restrict__ saved,
+                  float* __restrict__ output) {
   const int64_t gates = 3 * size;
   const bool augru = attention != nullptr;
-  for (int64_t b = begin; b < end; ++b) {
-    const float* __restrict__ x = projected + b * gates;
-    const float* __restrict__ g = hidden + b * gates;
-    const float* __restrict__ h = states + (t * batch + b) * size;
-    float* __restrict__ h_next = states + ((t + 1) * batch + b) * size;
-    float* __restrict__ s = saved + (t * batch + b) * 4 * size;
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t b = order[p];
+    const float* __restrict__ x = projected + p * gates;
+    const float* __restrict__ g = hidden + p * gates;
+    const float* __restrict__ h = states + (t * batch + p) * size;
+    float* __restrict__ h_next = states + ((t + 1) * batch + p) * size;
+    float* __restrict__ s = saved + (t * batch + p) * 4 * size;
+    float* __restrict__ out = output + (b * length + t) * size;
     const float a = augru ? attention[b * length + t] : 0.f;
 #pragma omp simd
     for (int64_t j = 0; j < size; ++j) {
@@ -77,34 +127,39 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
       s[2 * size + j] = hidden_n;
       s[3 * size + j] = candidate;
       // AUGRU: h_t = h_{t-1} + a_t u_t (h~_t - h_{t-1}); GRU: h_t = h~_t + z_t (h_{t-1} - h~_t)
-      h_next[j] = augru ? h[j] + a * gate * (candidate - h[j])
-                        : candidate + gate * (h[j] - candidate);
+      const float next = augru ? h[j] + a * gate * (candidate - h[j])
+                               : candidate + gate * (h[j] - candidate);
+      h_next[j] = next;
+      out[j] = next;
     }
   }
 }
 
-// Backward of step t for rows [begin, end). grad = dL/dh_t = carry + upstream_t (upstream row
-// b, step t at b * up_row + t * up_step). Writes this step's dL/dprojected_t and dL/dhidden_t
-// [B, 3H] (for the input's and U's gradients), dL/da_t, keep = grad (1 - update):
-// dL/dh_{t-1} = keep + dL/dhidden_t U (the addmm after this). Adds the rows' dL/dprojected and
-// dL/dhidden to `bias_sums` [2, 3H] (the gradients of b_i and b_h).
+// Backward of step t for the running rows at internal positions [begin, end). grad = dL/dh_t
+// = carry + upstream_t (the caller's row b, step t at b * up_row + t * up_step). Writes this
+// step's dL/dprojected_t and dL/dhidden_t [B, 3H] (for the input's and U's gradients),
+// dL/da_t, keep = grad (1 - update): dL/dh_{t-1} = keep + dL/dhidden_t U (the addmm after
+// this). Adds the rows' dL/dprojected and dL/dhidden to `bias_sums` [2, 3H] (the gradients of
+// b_i and b_h).
 void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
-                   int64_t size, const float* __restrict__ upstream, int64_t up_row,
-                   int64_t up_step, const float* __restrict__ states,
-                   const float* __restrict__ saved, const float* __restrict__ attention,
-                   const float* __restrict__ carry, float* __restrict__ keep,
-                   float* __restrict__ d_projected, float* __restrict__ d_hidden,
-                   float* __restrict__ d_attention, float* __restrict__ bias_sums) {
+                   int64_t size, const int64_t* __restrict__ order,
+                   const float* __restrict__ upstream, int64_t up_row, int64_t up_step,
+                   const float* __restrict__ states, const float* __restrict__ saved,
+                   const float* __restrict__ attention, const float* __restrict__ carry,
+                   float* __restrict__ keep, float* __restrict__ d_projected,
+                   float* __restrict__ d_hidden, float* __restrict__ d_attention,
+                   float* __restrict__ bias_sums) {
   const int64_t gates = 3 * size;
   const bool augru = attention != nullptr;
-  for (int64_t b = begin; b < end; ++b) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t b = order[p];
     const float* __restrict__ up = upstream + b * up_row + t * up_step;
-    const float* __restrict__ previous = states + (t * batch + b) * size;
-    const float* __restrict__ s = saved + (t * batch + b) * 4 * size;
-    const float* __restrict__ c = carry + b * size;
-    float* __restrict__ k = keep + b * size;
-    float* __restrict__ dp = d_projected + b * gates;  // this step's, [B, 3H]
-    float* __restrict__ dh = d_hidden + b * gates;     // this step's, [B, 3H]
+    const float* __restrict__ previous = states + (t * batch + p) * size;
+    const float* __restrict__ s = saved + (t * batch + p) * 4 * size;
+    const float* __restrict__ c = carry + p * size;
+    float* __restrict__ k = keep + p * size;
+    float* __restrict__ dp = d_projected + p * gates;  // this step's, [B, 3H]
+    float* __restrict__ dh = d_hidden + p * gates;     // this step's, [B, 3H]
     const float a = augru ? attention[b * length + t] : 0.f;
     float* __restrict__ d_bias_ih = bias_sums;
     float* __restrict__ d_bias_hh = bias_sums + gates;  // its r and update parts equal b_i's
@@ -143,73 +198,108 @@ void check(const at::Tensor& x, const char* op) {
 }
 
 // The rows' inputs need only a unit stride along their last dimension (views such as DIEN's
-// history, a slice of one embedding, or the extractor's states go to the matmuls uncopied).
+// history, a slice of one embedding, are read in place).
 at::Tensor unit_last_stride(const at::Tensor& x) {
   return x.stride(-1) == 1 ? x : x.contiguous();
 }
 
+// Copies step t of the running rows' inputs (internal positions [begin, begin + n)) into
+// `rows` [n, I]: the matmul's operand.
+void gather_step(const float* __restrict__ x, int64_t x_row, int64_t x_step, int64_t inputs,
+                 const int64_t* __restrict__ order, int64_t begin, int64_t n, int64_t t,
+                 float* __restrict__ rows) {
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(rows + i * inputs, x + order[begin + i] * x_row + t * x_step,
+                inputs * sizeof(float));
+  }
+}
+
 // x [B, L, I], weight_ih W_i [3H, I], bias_ih b_i [3H], weight U [3H, H], bias b_h [3H],
-// attention [B, L] (empty: GRU) -> states [L + 1, B, H] with h_0 = 0, saved [L, B, 4, H].
-// Each step's input projection W_i x_t is computed in the loop, for the thread's rows only.
-std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& x_in,
-                                                 const at::Tensor& weight_ih,
-                                                 const at::Tensor& bias_ih,
-                                                 const at::Tensor& weight,
-                                                 const at::Tensor& bias,
-                                                 const at::Tensor& attention_in) {
+// attention [B, L] (empty: GRU), lengths [B] (empty: all L) -> output [B, L, H], and for the
+// backward the internal states [L + 1, B, H] (h_0 = 0), saved [L, B, 4, H] and order [B].
+// Each step's input projection W_i x_t is computed in the loop, for the running rows only: a
+// row stops at its length, and its later outputs repeat its last state.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
+    const at::Tensor& x_in, const at::Tensor& weight_ih, const at::Tensor& bias_ih,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& attention_in,
+    const at::Tensor& lengths) {
   for (const auto* x : {&x_in, &weight_ih, &bias_ih, &weight, &bias, &attention_in}) {
     check(*x, "gated_forward");
   }
   const auto x = unit_last_stride(x_in);
   const auto attention = attention_in.contiguous();
-  const int64_t batch = x.size(0), length = x.size(1);
+  TORCH_CHECK(x.dim() == 3, "attention_ctr CPU kernels: gated_forward's x must be [B, L, I]");
+  const int64_t batch = x.size(0), length = x.size(1), inputs = x.size(2);
   const int64_t size = weight.size(1);
-  TORCH_CHECK(x.dim() == 3 && weight_ih.size(0) == 3 * size && weight_ih.size(1) == x.size(2) &&
+  TORCH_CHECK(weight_ih.size(0) == 3 * size && weight_ih.size(1) == inputs &&
                   weight.size(0) == 3 * size && bias_ih.numel() == 3 * size &&
                   bias.numel() == 3 * size,
               "attention_ctr CPU kernels: gated_forward's x [B, L, I], weight_ih [3H, I], "
               "weight [3H, H] and biases [3H] disagree");
   const bool augru = attention.numel() > 0;
+  const int64_t chunk = rows_per_thread(batch);
+  const auto internal = internal_order(lengths, batch, length, chunk);
+  const at::Tensor& order = internal.first;
+  const std::vector<int64_t>& steps = internal.second;
+  auto output = at::empty({batch, length, size}, x.options());
   auto states = at::empty({length + 1, batch, size}, x.options());
-  states[0].zero_();  // h_0; every later state is written by its step
+  states[0].zero_();  // h_0; a running row's later states are written by its steps
   auto saved = at::empty({length, batch, 4, size}, x.options());
   auto projected = at::empty({batch, 3 * size}, x.options());  // one step's W_i x_t
   auto hidden = at::empty({batch, 3 * size}, x.options());     // one step's U h + b_h
   const auto weight_ih_t = weight_ih.t();
   const auto weight_t = weight.t();
+  const int64_t* o = order.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t x_row = x.stride(0), x_step = x.stride(1);
   const float* p = projected.data_ptr<float>();
   const float* bi = bias_ih.data_ptr<float>();
   const float* g = hidden.data_ptr<float>();
   const float* a = augru ? attention.data_ptr<float>() : nullptr;
   float* h = states.data_ptr<float>();
   float* s = saved.data_ptr<float>();
+  float* out = output.data_ptr<float>();
   // Rows are independent: each thread runs the whole time loop for its own rows (its matmuls
   // single-threaded inside the parallel region), with no synchronisation between steps.
-  const int64_t chunk = rows_per_thread(batch);
   at::parallel_for(0, (batch + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       at::NoGradGuard no_grad;  // grad mode is thread-local: off here as in the caller
-      const int64_t begin = c * chunk, end = std::min(batch, begin + chunk), n = end - begin;
-      auto projected_rows = projected.narrow(0, begin, n);
-      auto hidden_rows = hidden.narrow(0, begin, n);
+      const int64_t begin = c * chunk, end = std::min(batch, begin + chunk);
+      auto x_rows = at::empty({end - begin, inputs}, x.options());
+      int64_t running = end - begin;
       for (int64_t t = 0; t < length; ++t) {
-        at::mm_out(projected_rows, x.select(1, t).narrow(0, begin, n), weight_ih_t);
-        at::addmm_out(hidden_rows, bias, states[t].narrow(0, begin, n), weight_t);
-        forward_rows(begin, end, t, batch, length, size, p, bi, g, a, h, s);
+        while (running > 0 && steps[begin + running - 1] <= t) --running;
+        if (running > 0) {
+          gather_step(xp, x_row, x_step, inputs, o, begin, running, t, x_rows.data_ptr<float>());
+          auto projected_rows = projected.narrow(0, begin, running);
+          auto hidden_rows = hidden.narrow(0, begin, running);
+          at::mm_out(projected_rows, x_rows.narrow(0, 0, running), weight_ih_t);
+          at::addmm_out(hidden_rows, bias, states[t].narrow(0, begin, running), weight_t);
+          forward_rows(begin, begin + running, t, batch, length, size, o, p, bi, g, a, h, s, out);
+        }
+        for (int64_t q = begin + running; q < end; ++q) {  // ended rows keep their last state
+          float* row_out = out + (o[q] * length + t) * size;
+          if (t == 0) {
+            std::memset(row_out, 0, size * sizeof(float));
+          } else {
+            std::memcpy(row_out, row_out - size, size * sizeof(float));
+          }
+        }
       }
     }
   });
-  return {states, saved};
+  return {output, states, saved, order};
 }
 
-// upstream dL/dh [B, L, H] -> dL/dx [L, B, I] (step-major: transpose it), dL/dW_i [3H, I],
-// dL/dU [3H, H], dL/da [B, L] (empty for the GRU), dL/db_i [3H], dL/db_h [3H]. Per step and
-// thread, dL/dx_t = dL/dprojected_t W_i and the weight gradients' terms are taken while this
-// step's gradients are in cache (the weight terms summed per thread, then in order), so no
-// [L, B, 3H] gradient is ever written.
+// upstream dL/doutput [B, L, H] -> dL/dx [B, L, I], dL/dW_i [3H, I], dL/dU [3H, H], dL/da
+// [B, L] (empty for the GRU), dL/db_i [3H], dL/db_h [3H]. Per step and thread, dL/dx_t =
+// dL/dprojected_t W_i and the weight gradients' terms are taken while this step's gradients are
+// in cache (the weight terms summed per thread, then in order), so no [L, B, 3H] gradient is
+// ever written. An ended row's outputs are its last state, so their gradients flow to it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::Tensor& states,
-               const at::Tensor& saved, const at::Tensor& weight_ih, const at::Tensor& weight,
+               const at::Tensor& saved, const at::Tensor& order, const at::Tensor& lengths,
+               const at::Tensor& weight_ih, const at::Tensor& weight,
                const at::Tensor& attention_in) {
   for (const auto* x : {&upstream_in, &x_in, &states, &saved, &weight_ih, &weight,
                         &attention_in}) {
@@ -221,9 +311,16 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   const int64_t length = saved.size(0), batch = saved.size(1), size = saved.size(3);
   const int64_t gates = 3 * size, inputs = x.size(2);
   const bool augru = attention.numel() > 0;
+  const int64_t* o = order.data_ptr<int64_t>();
+  std::vector<int64_t> steps(batch, length);
+  if (lengths.numel()) {
+    const auto lengths_long = lengths.to(at::kLong).contiguous();
+    const int64_t* len = lengths_long.data_ptr<int64_t>();
+    for (int64_t q = 0; q < batch; ++q) steps[q] = len[o[q]];
+  }
   // Blocks of kRowsPerTask rows, each with its own bias sums (added up in block order).
   const int64_t blocks = (batch + kRowsPerTask - 1) / kRowsPerTask;
-  auto d_x = at::empty({length, batch, inputs}, upstream.options());
+  auto d_x = at::empty({batch, length, inputs}, upstream.options());
   auto d_projected = at::empty({batch, gates}, upstream.options());  // one step's
   auto d_hidden = at::empty({batch, gates}, upstream.options());     // one step's
   auto d_attention = at::empty({augru ? batch : 0, length}, upstream.options());
@@ -232,13 +329,16 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   auto keep = at::empty({batch, size}, upstream.options());
   const float* up = upstream.data_ptr<float>();
   const int64_t up_row = upstream.stride(0), up_step = upstream.stride(1);
+  const float* xp = x.data_ptr<float>();
+  const int64_t x_row = x.stride(0), x_step = x.stride(1);
   const float* h = states.data_ptr<float>();
   const float* s = saved.data_ptr<float>();
   const float* a = augru ? attention.data_ptr<float>() : nullptr;
-  const float* c = carry.data_ptr<float>();
+  float* c = carry.data_ptr<float>();
   float* k = keep.data_ptr<float>();
   float* dp = d_projected.data_ptr<float>();
   float* dh = d_hidden.data_ptr<float>();
+  float* dx = d_x.data_ptr<float>();
   float* da = augru ? d_attention.data_ptr<float>() : nullptr;
   float* sums = bias_sums.data_ptr<float>();
   const int64_t chunk = rows_per_thread(batch);  // a multiple of kRowsPerTask
@@ -248,26 +348,45 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     for (int64_t part = first; part < last; ++part) {
       at::NoGradGuard no_grad;  // grad mode is thread-local: off here as in the caller
-      const int64_t begin = part * chunk, end = std::min(batch, begin + chunk), n = end - begin;
-      auto carry_rows = carry.narrow(0, begin, n);
-      auto keep_rows = keep.narrow(0, begin, n);
-      auto d_projected_rows = d_projected.narrow(0, begin, n);
-      auto d_hidden_rows = d_hidden.narrow(0, begin, n);
+      const int64_t begin = part * chunk, end = std::min(batch, begin + chunk);
+      auto x_rows = at::empty({end - begin, inputs}, upstream.options());
+      auto d_x_rows = at::empty({end - begin, inputs}, upstream.options());
+      float* xr = x_rows.data_ptr<float>();
+      const float* dxr = d_x_rows.data_ptr<float>();
       auto d_weight_ih = weight_ih_sums[part];
       auto d_weight = weight_sums[part];
+      int64_t running = 0;
       for (int64_t t = length - 1; t >= 0; --t) {
-        for (int64_t row = begin; row < end; row += kRowsPerTask) {
-          backward_rows(row, std::min(end, row + kRowsPerTask), t, batch, length, size, up,
-                        up_row, up_step, h, s, a, c, k, dp, dh, da,
+        while (begin + running < end && steps[begin + running] > t) ++running;
+        for (int64_t q = begin + running; q < end; ++q) {  // ended: output_t is its last state
+          const int64_t b = o[q];
+          const float* u = up + b * up_row + t * up_step;
+          float* carry_q = c + q * size;
+          for (int64_t j = 0; j < size; ++j) carry_q[j] += u[j];
+          std::memset(dx + (b * length + t) * inputs, 0, inputs * sizeof(float));
+          if (augru) da[b * length + t] = 0.f;
+        }
+        if (running == 0) continue;
+        for (int64_t row = begin; row < begin + running; row += kRowsPerTask) {
+          backward_rows(row, std::min(begin + running, row + kRowsPerTask), t, batch, length,
+                        size, o, up, up_row, up_step, h, s, a, c, k, dp, dh, da,
                         sums + row / kRowsPerTask * 2 * gates);
         }
-        auto d_x_rows = d_x[t].narrow(0, begin, n);
-        at::mm_out(d_x_rows, d_projected_rows, weight_ih);
-        d_weight_ih.addmm_(d_projected_rows.t(), x.select(1, t).narrow(0, begin, n));
+        auto d_projected_rows = d_projected.narrow(0, begin, running);
+        auto d_hidden_rows = d_hidden.narrow(0, begin, running);
+        auto d_x_running = d_x_rows.narrow(0, 0, running);
+        at::mm_out(d_x_running, d_projected_rows, weight_ih);
+        for (int64_t i = 0; i < running; ++i) {
+          std::memcpy(dx + (o[begin + i] * length + t) * inputs, dxr + i * inputs,
+                      inputs * sizeof(float));
+        }
+        gather_step(xp, x_row, x_step, inputs, o, begin, running, t, xr);
+        d_weight_ih.addmm_(d_projected_rows.t(), x_rows.narrow(0, 0, running));
         if (t > 0) {  // h_0 = 0 adds nothing to U's gradient and has no gradient itself
-          d_weight.addmm_(d_hidden_rows.t(), states[t].narrow(0, begin, n));
+          d_weight.addmm_(d_hidden_rows.t(), states[t].narrow(0, begin, running));
           // dL/dh_{t-1} = keep + dL/dhidden_t U
-          at::addmm_out(carry_rows, keep_rows, d_hidden_rows, weight);
+          auto carry_rows = carry.narrow(0, begin, running);
+          at::addmm_out(carry_rows, keep.narrow(0, begin, running), d_hidden_rows, weight);
         }
       }
     }
@@ -574,9 +693,9 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
   m.def("bias_prelu_backward(Tensor grad, Tensor h, Tensor slope, int period)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_forward(Tensor x, Tensor weight_ih, Tensor bias_ih, Tensor weight, Tensor bias,"
-        " Tensor attention) -> (Tensor, Tensor)");
-  m.def("gated_backward(Tensor upstream, Tensor x, Tensor states, Tensor saved,"
-        " Tensor weight_ih, Tensor weight, Tensor attention)"
+        " Tensor attention, Tensor lengths) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_backward(Tensor upstream, Tensor x, Tensor states, Tensor saved, Tensor order,"
+        " Tensor lengths, Tensor weight_ih, Tensor weight, Tensor attention)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
