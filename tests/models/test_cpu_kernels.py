@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from attention_ctr.models import cpu_kernels
 from attention_ctr.models.layers import (
     MLP,
+    Dice,
+    _DiceFunction,
     _GatedRecurrence,
     gated_recurrence,
     gather_positions,
@@ -322,3 +324,35 @@ def test_training_step_with_kernels_matches_eager(monkeypatch, name):
             assert got is None
             continue
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("masked", [False, True], ids=["all rows", "masked rows"])
+def test_fused_dice_matches_eager(masked):
+    """Output, batch statistics and the gradients of x and alpha against `_DiceFunction`,
+    for a row count that is not a block's and a width that is not a vector's."""
+    generator = torch.Generator().manual_seed(0)
+    rows, columns = 301, 7
+    x = (torch.randn(rows, columns, generator=generator) * 3 + 1).requires_grad_()
+    alpha = torch.rand(columns, generator=generator).requires_grad_()
+    weights = (torch.rand(rows, generator=generator) > 0.3).float() if masked else None
+    upstream = torch.randn(rows, columns, generator=generator)
+    fused = cpu_kernels.FusedDice.apply(
+        x, alpha, x.new_empty(0) if weights is None else weights, 1e-9
+    )
+    eager = _DiceFunction.apply(x, alpha, weights, 1e-9)
+    for got, want in zip(fused, eager):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    got = torch.autograd.grad(fused[0], [x, alpha], upstream)
+    want = torch.autograd.grad(eager[0], [x, alpha], upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@needs_kernels
+def test_dice_layer_trains_through_the_kernels():
+    dice = Dice(5).train()
+    x = torch.randn(6, 4, 5, requires_grad=True)
+    out = dice(x, torch.arange(4) < torch.tensor([4, 3, 1, 2, 4, 0]).unsqueeze(-1))
+    assert type(out.grad_fn).__name__ == "ViewBackward0"
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "FusedDiceBackward"

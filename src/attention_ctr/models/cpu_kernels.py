@@ -231,6 +231,28 @@ class FusedPReLULinear(torch.autograd.Function):
         return torch.ops.attention_ctr_kernels.prelu_linear_backward(grad, h, slope, out_weight)
 
 
+class FusedDice(torch.autograd.Function):
+    """Training-mode Dice on `x` `[N, C]` with row weights `[N]` (or empty): as
+    `layers._DiceFunction`, in one pass forward (after the statistics) and two backward.
+    -> (out, mean, var, count); only out is differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, weights, eps):  # type: ignore[override]
+        out, mean, var, count = torch.ops.attention_ctr_kernels.dice_forward(x, alpha, weights, eps)
+        ctx.save_for_backward(x, alpha, weights, mean, var, count)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _mean, _var, _count):  # type: ignore[override]
+        d_x, d_alpha = torch.ops.attention_ctr_kernels.dice_backward(
+            grad, *ctx.saved_tensors, ctx.eps
+        )
+        return d_x, d_alpha, None, None
+
+
 class FusedGatherPositions(torch.autograd.Function):
     """`torch.stack([x[row, position] for x in sources])` for float32 `[B, L, E]` sources."""
 

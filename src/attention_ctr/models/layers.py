@@ -168,7 +168,8 @@ class Dice(nn.Module):
     only when a `mask` is given; gradients flow through them as in BatchNorm), moving averages
     in eval mode. `alpha` is learned per unit and starts at 0. Computed in float32
     (bf16-autocast safe). Training runs `_DiceFunction` (the same formula with a hand-written
-    backward: about half the memory passes of autograd's graph for this layer).
+    backward: about half the memory passes of autograd's graph for this layer), or in float32
+    CPU training the fused kernels (`cpu_kernels.FusedDice`: one pass forward, two backward).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-9, momentum: float = 0.1):
@@ -187,7 +188,13 @@ class Dice(nn.Module):
             return (xf * (p + (1.0 - p) * self.alpha)).to(x.dtype)
         flat = x.reshape(-1, x.shape[-1])
         weights = None if mask is None else mask.reshape(-1).float()
-        out, mean, var, count = _DiceFunction.apply(flat, self.alpha, weights, self.eps)
+        if cpu_kernels.usable(flat) and self.alpha.dtype == torch.float32:
+            no_weights = flat.new_empty(0)
+            out, mean, var, count = cpu_kernels.FusedDice.apply(
+                flat, self.alpha, no_weights if weights is None else weights, self.eps
+            )
+        else:
+            out, mean, var, count = _DiceFunction.apply(flat, self.alpha, weights, self.eps)
         with torch.no_grad():  # running variance is unbiased, as in BatchNorm
             bessel = count / (count - 1.0).clamp_min(1.0)
             dtype = self.running_mean.dtype

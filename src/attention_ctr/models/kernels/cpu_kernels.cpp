@@ -681,7 +681,143 @@ at::Tensor gather_positions_backward(const at::Tensor& grad_in, const at::Tensor
 
 }  // namespace
 
+// Dice (DIN, eq. 4) in training on x [N, C] with row weights [N] (1 = real, 0 = padding; empty:
+// all real): mean and biased variance of each unit over the weighted rows (block sums in
+// order), then out = x (alpha + (1 - alpha) p), p = sigmoid((x - mean) / sqrt(var + eps)), in
+// one pass. -> (out, mean [C], var [C], count []). Nothing but the statistics is saved: the
+// backward recomputes p from x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_forward(
+    const at::Tensor& x_in, const at::Tensor& alpha, const at::Tensor& weights_in, double eps) {
+  for (const auto* x : {&x_in, &alpha, &weights_in}) check(*x, "dice_forward");
+  const auto x = x_in.contiguous();
+  const auto weights = weights_in.contiguous();
+  const int64_t rows = x.size(0), columns = x.size(1);
+  TORCH_CHECK(alpha.numel() == columns && (weights.numel() == 0 || weights.numel() == rows),
+              "attention_ctr CPU kernels: dice_forward's x [N, C], alpha [C] and weights [N] "
+              "disagree");
+  const float* xp = x.data_ptr<float>();
+  const float* w = weights.numel() ? weights.data_ptr<float>() : nullptr;
+  double total = static_cast<double>(rows);
+  if (w) {
+    total = 0.0;
+    for (int64_t r = 0; r < rows; ++r) total += w[r];
+  }
+  const float count = static_cast<float>(std::max(total, 1.0));
+  auto mean = block_sums(rows, columns, x.options(), [&](int64_t first, int64_t last,
+                                                         float* sums) {
+    for (int64_t r = first; r < last; ++r) {
+      const float weight = w ? w[r] : 1.f;
+      const float* __restrict__ xr = xp + r * columns;
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) sums[c] += weight * xr[c];
+    }
+  }).div_(count);
+  const float* m = mean.data_ptr<float>();
+  auto var = block_sums(rows, columns, x.options(), [&](int64_t first, int64_t last,
+                                                        float* sums) {
+    for (int64_t r = first; r < last; ++r) {
+      const float weight = w ? w[r] : 1.f;
+      const float* __restrict__ xr = xp + r * columns;
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) {
+        const float d = xr[c] - m[c];
+        sums[c] += weight * d * d;
+      }
+    }
+  }).div_(count);
+  const auto rstd = (var + eps).rsqrt_();
+  auto out = at::empty_like(x);
+  const float* rs = rstd.data_ptr<float>();
+  const float* a = alpha.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict__ xr = xp + r * columns;
+      float* __restrict__ outr = op + r * columns;
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) {
+        const float p = fast_sigmoid((xr[c] - m[c]) * rs[c]);
+        outr[c] = xr[c] * (a[c] + (1.f - a[c]) * p);
+      }
+    }
+  });
+  return {out, mean, var, at::scalar_tensor(count, x.options())};
+}
+
+// Backward of dice_forward (BatchNorm's, written out): with z = (x - mean) rstd and
+// dz = dout x (1 - alpha) p (1 - p): dL/dx = dout (alpha + (1 - alpha) p) + rstd (dz - w (sum dz
+// + z sum(dz z)) / count), dL/dalpha = sum dout x (1 - p). Two passes: the column sums, then
+// dL/dx. -> (dL/dx [N, C], dL/dalpha [C]).
+std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                 const at::Tensor& alpha,
+                                                 const at::Tensor& weights_in,
+                                                 const at::Tensor& mean, const at::Tensor& var,
+                                                 const at::Tensor& count, double eps) {
+  for (const auto* x : {&grad_in, &x_in, &alpha, &weights_in, &mean, &var, &count}) {
+    check(*x, "dice_backward");
+  }
+  const auto grad = grad_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto weights = weights_in.contiguous();
+  const int64_t rows = x.size(0), columns = x.size(1);
+  const auto rstd = (var + eps).rsqrt_();
+  const float* gp = grad.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* w = weights.numel() ? weights.data_ptr<float>() : nullptr;
+  const float* m = mean.data_ptr<float>();
+  const float* rs = rstd.data_ptr<float>();
+  const float* a = alpha.data_ptr<float>();
+  const float n = count.item<float>();
+  // [dL/dalpha, sum dz, sum dz z]
+  auto sums = block_sums(rows, 3 * columns, x.options(), [&](int64_t first, int64_t last,
+                                                             float* s) {
+    float* __restrict__ d_alpha = s;
+    float* __restrict__ sum_dz = s + columns;
+    float* __restrict__ sum_dz_z = s + 2 * columns;
+    for (int64_t r = first; r < last; ++r) {
+      const float* __restrict__ gr = gp + r * columns;
+      const float* __restrict__ xr = xp + r * columns;
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) {
+        const float z = (xr[c] - m[c]) * rs[c];
+        const float p = fast_sigmoid(z);
+        const float gx = gr[c] * xr[c];
+        const float dz = gx * (1.f - a[c]) * p * (1.f - p);
+        d_alpha[c] += gx * (1.f - p);
+        sum_dz[c] += dz;
+        sum_dz_z[c] += dz * z;
+      }
+    }
+  });
+  const float* sum_dz = sums.data_ptr<float>() + columns;
+  const float* sum_dz_z = sum_dz + columns;
+  auto dx = at::empty_like(x);
+  float* dp = dx.data_ptr<float>();
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict__ gr = gp + r * columns;
+      const float* __restrict__ xr = xp + r * columns;
+      float* __restrict__ dr = dp + r * columns;
+      const float weight = w ? w[r] : 1.f;
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) {
+        const float z = (xr[c] - m[c]) * rs[c];
+        const float p = fast_sigmoid(z);
+        const float gate = a[c] + (1.f - a[c]) * p;
+        const float dz = gr[c] * xr[c] * (1.f - a[c]) * p * (1.f - p);
+        const float correction = weight * rs[c] / n * (sum_dz[c] + z * sum_dz_z[c]);
+        dr[c] = gr[c] * gate + rs[c] * dz - correction;
+      }
+    }
+  });
+  return {dx, sums.narrow(0, 0, columns)};
+}
+
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("dice_forward(Tensor x, Tensor alpha, Tensor weights, float eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dice_backward(Tensor grad, Tensor x, Tensor alpha, Tensor weights, Tensor mean,"
+        " Tensor var, Tensor count, float eps) -> (Tensor, Tensor)");
   m.def("prelu_linear_forward(Tensor z, Tensor bias, Tensor slope, Tensor out_weight,"
         " Tensor out_bias) -> (Tensor, Tensor)");
   m.def("prelu_linear_backward(Tensor grad, Tensor h, Tensor slope, Tensor out_weight)"
@@ -701,6 +837,8 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
+  m.impl("dice_forward", &dice_forward);
+  m.impl("dice_backward", &dice_backward);
   m.impl("gated_forward", &gated_forward);
   m.impl("gated_backward", &gated_backward);
   m.impl("bias_prelu_forward", &bias_prelu_forward);
