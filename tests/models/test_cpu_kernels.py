@@ -1,6 +1,9 @@
 """The fused C++ kernels against the eager torch code they replace."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -356,3 +359,38 @@ def test_dice_layer_trains_through_the_kernels():
     out = dice(x, torch.arange(4) < torch.tensor([4, 3, 1, 2, 4, 0]).unsqueeze(-1))
     assert type(out.grad_fn).__name__ == "ViewBackward0"
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "FusedDiceBackward"
+
+
+@needs_kernels
+def test_recurrence_kernels_without_blas_go_through_aten():
+    """Where torch exposes no BLAS sgemm, the kernels' matmuls run through ATen: the same
+    results (run in a fresh process, as the choice is made once per process)."""
+    script = """
+import torch
+from attention_ctr.models import cpu_kernels
+from attention_ctr.models.layers import gated_recurrence
+import tests.models.test_cpu_kernels as t
+assert cpu_kernels.available()
+inputs, attention, upstream = t._inputs(37, 9, 5)
+lengths = t._lengths(37, 9)
+for a in (None, attention):
+    got = t._states_and_grads(lambda *x: gated_recurrence(*x, lengths=lengths), inputs, a, upstream)
+    want = t._states_and_grads(
+        lambda *x: t._per_row_reference(*x, lengths), inputs, a, upstream
+    )
+    torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
+print("same")
+"""
+    environment = dict(os.environ, ATTENTION_CTR_KERNELS_ATEN_GEMM="1")
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment,
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip() == "same"

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <utility>
@@ -54,6 +55,51 @@ inline float fast_tanh(float x) {
 }
 
 inline float fast_sigmoid(float x) { return 0.5f * fast_tanh(0.5f * x) + 0.5f; }
+
+}  // namespace
+
+// BLAS's Fortran sgemm, which torch's own CPU matmuls call (MKL in x86 wheels). Weak: a torch
+// without it leaves it null, and `gemm` below then goes through ATen.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace {
+
+// Row-major C [m, n] = op(A) op(B) + beta C, op(A) [m, k] (A^T of a [k, m] A with trans_a),
+// op(B) [k, n], row strides lda, ldb, ldc. The recurrences call this hundreds of times per
+// step on a thread's rows: straight to BLAS it skips ATen's tensor views and dispatch (~4 us
+// of a ~20 us call at [128, 64] x [64, 192]).
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // ATTENTION_CTR_KERNELS_ATEN_GEMM=1 takes the ATen path even where BLAS is found (tests).
+  static const bool use_blas =
+      sgemm_ != nullptr && std::getenv("ATTENTION_CTR_KERNELS_ATEN_GEMM") == nullptr;
+  if (use_blas) {  // BLAS is column-major: C^T = op(B)^T op(A)^T
+    const int rows = static_cast<int>(n), columns = static_cast<int>(m);
+    const int inner = static_cast<int>(k), ld_b = static_cast<int>(ldb);
+    const int ld_a = static_cast<int>(lda), ld_c = static_cast<int>(ldc);
+    const float one = 1.f;
+    sgemm_(trans_b ? "T" : "N", trans_a ? "T" : "N", &rows, &columns, &inner, &one, b, &ld_b, a,
+           &ld_a, &beta, c, &ld_c);
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  auto matrix = [&](const float* data, bool trans, int64_t r, int64_t cols, int64_t ld) {
+    auto stored = at::from_blob(const_cast<float*>(data), {trans ? cols : r, trans ? r : cols},
+                                {ld, 1}, options);
+    return trans ? stored.t() : stored;
+  };
+  auto out = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  const auto left = matrix(a, trans_a, m, k, lda), right = matrix(b, trans_b, k, n, ldb);
+  if (beta == 0.f) {
+    at::mm_out(out, left, right);
+  } else {
+    out.mul_(beta).addmm_(left, right);
+  }
+}
 
 // The recurrences' internal row order: rows sorted by length, longest first (stable), then
 // dealt round-robin to the threads' blocks of `chunk` rows. The blocks share the work evenly,
@@ -96,16 +142,16 @@ std::pair<at::Tensor, std::vector<int64_t>> internal_order(const at::Tensor& len
 }
 
 // Step t for the running rows at internal positions [begin, end). projected = this step's
-// W_i x_t (no bias) [B, 3H], bias_ih b_i [3H], hidden = U h_{t-1} + b_h [B, 3H], states
+// W_i x_t (no bias) [B, 3H], bias_ih b_i [3H], hidden = U h_{t-1} [B, 3H], bias_hh b_h, states
 // [L+1, B, H] and saved [L, B, 4, H] = r_t, the update gate (u_t AUGRU, z_t GRU),
 // U_n h_{t-1} + b_hn, h~_t: all in internal order. attention [B, L] and output [B, L, H] are in
 // the caller's order.
 void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
                   int64_t size, const int64_t* __restrict__ order,
                   const float* __restrict__ projected, const float* __restrict__ bias_ih,
-                  const float* __restrict__ hidden, const float* __restrict__ attention,
-                  float* __restrict__ states, float* __restrict__ saved,
-                  float* __restrict__ output) {
+                  const float* __restrict__ hidden, const float* __restrict__ bias_hh,
+                  const float* __restrict__ attention, float* __restrict__ states,
+                  float* __restrict__ saved, float* __restrict__ output) {
   const int64_t gates = 3 * size;
   const bool augru = attention != nullptr;
   for (int64_t p = begin; p < end; ++p) {
@@ -119,9 +165,10 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
     const float a = augru ? attention[b * length + t] : 0.f;
 #pragma omp simd
     for (int64_t j = 0; j < size; ++j) {
-      const float reset = fast_sigmoid(x[j] + bias_ih[j] + g[j]);
-      const float gate = fast_sigmoid(x[size + j] + bias_ih[size + j] + g[size + j]);
-      const float hidden_n = g[2 * size + j];
+      const float reset = fast_sigmoid(x[j] + bias_ih[j] + g[j] + bias_hh[j]);
+      const float gate =
+          fast_sigmoid(x[size + j] + bias_ih[size + j] + g[size + j] + bias_hh[size + j]);
+      const float hidden_n = g[2 * size + j] + bias_hh[2 * size + j];
       const float candidate = fast_tanh(x[2 * size + j] + bias_ih[2 * size + j] + reset * hidden_n);
       s[j] = reset;
       s[size + j] = gate;
@@ -139,15 +186,15 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
 // Backward of step t for the running rows at internal positions [begin, end). grad = dL/dh_t
 // = carry + upstream_t (the caller's row b, step t at b * up_row + t * up_step). Writes this
 // step's dL/dprojected_t and dL/dhidden_t [B, 3H] (for the input's and U's gradients),
-// dL/da_t, keep = grad (1 - update): dL/dh_{t-1} = keep + dL/dhidden_t U (the addmm after
-// this). Adds the rows' dL/dprojected and dL/dhidden to `bias_sums` [2, 3H] (the gradients of
-// b_i and b_h).
+// dL/da_t, and replaces carry by grad (1 - update): dL/dh_{t-1} = that + dL/dhidden_t U (the
+// gemm after this). Adds the rows' dL/dprojected and dL/dhidden to `bias_sums` [2, 3H] (the
+// gradients of b_i and b_h).
 void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
                    int64_t size, const int64_t* __restrict__ order,
                    const float* __restrict__ upstream, int64_t up_row, int64_t up_step,
                    const float* __restrict__ states, const float* __restrict__ saved,
-                   const float* __restrict__ attention, const float* __restrict__ carry,
-                   float* __restrict__ keep, float* __restrict__ d_projected,
+                   const float* __restrict__ attention, float* __restrict__ carry,
+                   float* __restrict__ d_projected,
                    float* __restrict__ d_hidden, float* __restrict__ d_attention,
                    float* __restrict__ bias_sums) {
   const int64_t gates = 3 * size;
@@ -157,8 +204,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
     const float* __restrict__ up = upstream + b * up_row + t * up_step;
     const float* __restrict__ previous = states + (t * batch + p) * size;
     const float* __restrict__ s = saved + (t * batch + p) * 4 * size;
-    const float* __restrict__ c = carry + p * size;
-    float* __restrict__ k = keep + p * size;
+    float* __restrict__ c = carry + p * size;  // read, then replaced, element by element
     float* __restrict__ dp = d_projected + p * gates;  // this step's, [B, 3H]
     float* __restrict__ dh = d_hidden + p * gates;     // this step's, [B, 3H]
     const float a = augru ? attention[b * length + t] : 0.f;
@@ -183,7 +229,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
       dh[j] = d_reset;
       dh[size + j] = d_gate;
       dh[2 * size + j] = d_candidate * reset;
-      k[j] = grad * (1.f - update);
+      c[j] = grad * (1.f - update);
       d_bias_ih[j] += d_reset;
       d_bias_ih[size + j] += d_gate;
       d_bias_ih[2 * size + j] += d_candidate;
@@ -221,20 +267,21 @@ void gather_step(const float* __restrict__ x, int64_t x_row, int64_t x_step, int
 // Each step's input projection W_i x_t is computed in the loop, for the running rows only: a
 // row stops at its length, and its later outputs repeat its last state.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
-    const at::Tensor& x_in, const at::Tensor& weight_ih, const at::Tensor& bias_ih,
-    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& attention_in,
+    const at::Tensor& x_in, const at::Tensor& weight_ih_in, const at::Tensor& bias_ih,
+    const at::Tensor& weight_in, const at::Tensor& bias, const at::Tensor& attention_in,
     const at::Tensor& lengths) {
-  for (const auto* x : {&x_in, &weight_ih, &bias_ih, &weight, &bias, &attention_in}) {
+  for (const auto* x : {&x_in, &weight_ih_in, &bias_ih, &weight_in, &bias, &attention_in}) {
     check(*x, "gated_forward");
   }
   const auto x = unit_last_stride(x_in);
+  const auto weight_ih = weight_ih_in.contiguous();
+  const auto weight = weight_in.contiguous();
   const auto attention = attention_in.contiguous();
   TORCH_CHECK(x.dim() == 3, "attention_ctr CPU kernels: gated_forward's x must be [B, L, I]");
   const int64_t batch = x.size(0), length = x.size(1), inputs = x.size(2);
-  const int64_t size = weight.size(1);
-  TORCH_CHECK(weight_ih.size(0) == 3 * size && weight_ih.size(1) == inputs &&
-                  weight.size(0) == 3 * size && bias_ih.numel() == 3 * size &&
-                  bias.numel() == 3 * size,
+  const int64_t size = weight.size(1), gates = 3 * size;
+  TORCH_CHECK(weight_ih.size(0) == gates && weight_ih.size(1) == inputs &&
+                  weight.size(0) == gates && bias_ih.numel() == gates && bias.numel() == gates,
               "attention_ctr CPU kernels: gated_forward's x [B, L, I], weight_ih [3H, I], "
               "weight [3H, H] and biases [3H] disagree");
   const bool augru = attention.numel() > 0;
@@ -246,37 +293,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
   auto states = at::empty({length + 1, batch, size}, x.options());
   states[0].zero_();  // h_0; a running row's later states are written by its steps
   auto saved = at::empty({length, batch, 4, size}, x.options());
-  auto projected = at::empty({batch, 3 * size}, x.options());  // one step's W_i x_t
-  auto hidden = at::empty({batch, 3 * size}, x.options());     // one step's U h + b_h
-  const auto weight_ih_t = weight_ih.t();
-  const auto weight_t = weight.t();
+  auto projected = at::empty({batch, gates}, x.options());  // one step's W_i x_t
+  auto hidden = at::empty({batch, gates}, x.options());     // one step's U h_{t-1}
+  auto x_rows = at::empty({batch, inputs}, x.options());    // one step's inputs, in order
   const int64_t* o = order.data_ptr<int64_t>();
   const float* xp = x.data_ptr<float>();
   const int64_t x_row = x.stride(0), x_step = x.stride(1);
-  const float* p = projected.data_ptr<float>();
+  const float* wi = weight_ih.data_ptr<float>();
+  const float* u = weight.data_ptr<float>();
+  float* p = projected.data_ptr<float>();
   const float* bi = bias_ih.data_ptr<float>();
-  const float* g = hidden.data_ptr<float>();
+  float* g = hidden.data_ptr<float>();
+  const float* bh = bias.data_ptr<float>();
   const float* a = augru ? attention.data_ptr<float>() : nullptr;
   float* h = states.data_ptr<float>();
   float* s = saved.data_ptr<float>();
   float* out = output.data_ptr<float>();
+  float* xr = x_rows.data_ptr<float>();
   // Rows are independent: each thread runs the whole time loop for its own rows (its matmuls
   // single-threaded inside the parallel region), with no synchronisation between steps.
   at::parallel_for(0, (batch + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      at::NoGradGuard no_grad;  // grad mode is thread-local: off here as in the caller
       const int64_t begin = c * chunk, end = std::min(batch, begin + chunk);
-      auto x_rows = at::empty({end - begin, inputs}, x.options());
       int64_t running = end - begin;
       for (int64_t t = 0; t < length; ++t) {
         while (running > 0 && steps[begin + running - 1] <= t) --running;
         if (running > 0) {
-          gather_step(xp, x_row, x_step, inputs, o, begin, running, t, x_rows.data_ptr<float>());
-          auto projected_rows = projected.narrow(0, begin, running);
-          auto hidden_rows = hidden.narrow(0, begin, running);
-          at::mm_out(projected_rows, x_rows.narrow(0, 0, running), weight_ih_t);
-          at::addmm_out(hidden_rows, bias, states[t].narrow(0, begin, running), weight_t);
-          forward_rows(begin, begin + running, t, batch, length, size, o, p, bi, g, a, h, s, out);
+          gather_step(xp, x_row, x_step, inputs, o, begin, running, t, xr + begin * inputs);
+          gemm(false, true, running, gates, inputs, xr + begin * inputs, inputs, wi, inputs, 0.f,
+               p + begin * gates, gates);
+          gemm(false, true, running, gates, size, h + (t * batch + begin) * size, size, u, size,
+               0.f, g + begin * gates, gates);
+          forward_rows(begin, begin + running, t, batch, length, size, o, p, bi, g, bh, a, h, s,
+                       out);
         }
         for (int64_t q = begin + running; q < end; ++q) {  // ended rows keep their last state
           float* row_out = out + (o[q] * length + t) * size;
@@ -300,14 +349,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::Tensor& states,
                const at::Tensor& saved, const at::Tensor& order, const at::Tensor& lengths,
-               const at::Tensor& weight_ih, const at::Tensor& weight,
+               const at::Tensor& weight_ih_in, const at::Tensor& weight_in,
                const at::Tensor& attention_in) {
-  for (const auto* x : {&upstream_in, &x_in, &states, &saved, &weight_ih, &weight,
+  for (const auto* x : {&upstream_in, &x_in, &states, &saved, &weight_ih_in, &weight_in,
                         &attention_in}) {
     check(*x, "gated_backward");
   }
   const auto upstream = unit_last_stride(upstream_in);
   const auto x = unit_last_stride(x_in);
+  const auto weight_ih = weight_ih_in.contiguous();
+  const auto weight = weight_in.contiguous();
   const auto attention = attention_in.contiguous();
   const int64_t length = saved.size(0), batch = saved.size(1), size = saved.size(3);
   const int64_t gates = 3 * size, inputs = x.size(2);
@@ -321,73 +372,79 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   }
   // Blocks of kRowsPerTask rows, each with its own bias sums (added up in block order).
   const int64_t blocks = (batch + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t chunk = rows_per_thread(batch);  // a multiple of kRowsPerTask
+  const int64_t parts = (batch + chunk - 1) / chunk;
   auto d_x = at::empty({batch, length, inputs}, upstream.options());
   auto d_projected = at::empty({batch, gates}, upstream.options());  // one step's
   auto d_hidden = at::empty({batch, gates}, upstream.options());     // one step's
   auto d_attention = at::empty({augru ? batch : 0, length}, upstream.options());
   auto bias_sums = at::zeros({blocks, 2, gates}, upstream.options());
   auto carry = at::zeros({batch, size}, upstream.options());
-  auto keep = at::empty({batch, size}, upstream.options());
+  auto x_rows = at::empty({batch, inputs}, upstream.options());    // one step's, in order
+  auto d_x_rows = at::empty({batch, inputs}, upstream.options());  // one step's, in order
+  auto weight_ih_sums = at::zeros({parts, gates, inputs}, upstream.options());
+  auto weight_sums = at::zeros({parts, gates, size}, upstream.options());
   const float* up = upstream.data_ptr<float>();
   const int64_t up_row = upstream.stride(0), up_step = upstream.stride(1);
   const float* xp = x.data_ptr<float>();
   const int64_t x_row = x.stride(0), x_step = x.stride(1);
+  const float* wi = weight_ih.data_ptr<float>();
+  const float* u = weight.data_ptr<float>();
   const float* h = states.data_ptr<float>();
   const float* s = saved.data_ptr<float>();
   const float* a = augru ? attention.data_ptr<float>() : nullptr;
   float* c = carry.data_ptr<float>();
-  float* k = keep.data_ptr<float>();
   float* dp = d_projected.data_ptr<float>();
   float* dh = d_hidden.data_ptr<float>();
   float* dx = d_x.data_ptr<float>();
   float* da = augru ? d_attention.data_ptr<float>() : nullptr;
   float* sums = bias_sums.data_ptr<float>();
-  const int64_t chunk = rows_per_thread(batch);  // a multiple of kRowsPerTask
-  const int64_t parts = (batch + chunk - 1) / chunk;
-  auto weight_ih_sums = at::zeros({parts, gates, inputs}, upstream.options());
-  auto weight_sums = at::zeros({parts, gates, size}, upstream.options());
+  float* xr = x_rows.data_ptr<float>();
+  float* dxr = d_x_rows.data_ptr<float>();
+  float* dwi = weight_ih_sums.data_ptr<float>();
+  float* dw = weight_sums.data_ptr<float>();
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     for (int64_t part = first; part < last; ++part) {
-      at::NoGradGuard no_grad;  // grad mode is thread-local: off here as in the caller
       const int64_t begin = part * chunk, end = std::min(batch, begin + chunk);
-      auto x_rows = at::empty({end - begin, inputs}, upstream.options());
-      auto d_x_rows = at::empty({end - begin, inputs}, upstream.options());
-      float* xr = x_rows.data_ptr<float>();
-      const float* dxr = d_x_rows.data_ptr<float>();
-      auto d_weight_ih = weight_ih_sums[part];
-      auto d_weight = weight_sums[part];
+      float* d_weight_ih = dwi + part * gates * inputs;
+      float* d_weight = dw + part * gates * size;
       int64_t running = 0;
       for (int64_t t = length - 1; t >= 0; --t) {
         while (begin + running < end && steps[begin + running] > t) ++running;
         for (int64_t q = begin + running; q < end; ++q) {  // ended: output_t is its last state
           const int64_t b = o[q];
-          const float* u = up + b * up_row + t * up_step;
+          const float* up_q = up + b * up_row + t * up_step;
           float* carry_q = c + q * size;
-          for (int64_t j = 0; j < size; ++j) carry_q[j] += u[j];
+          for (int64_t j = 0; j < size; ++j) carry_q[j] += up_q[j];
           std::memset(dx + (b * length + t) * inputs, 0, inputs * sizeof(float));
           if (augru) da[b * length + t] = 0.f;
         }
         if (running == 0) continue;
         for (int64_t row = begin; row < begin + running; row += kRowsPerTask) {
           backward_rows(row, std::min(begin + running, row + kRowsPerTask), t, batch, length,
-                        size, o, up, up_row, up_step, h, s, a, c, k, dp, dh, da,
+                        size, o, up, up_row, up_step, h, s, a, c, dp, dh, da,
                         sums + row / kRowsPerTask * 2 * gates);
         }
-        auto d_projected_rows = d_projected.narrow(0, begin, running);
-        auto d_hidden_rows = d_hidden.narrow(0, begin, running);
-        auto d_x_running = d_x_rows.narrow(0, 0, running);
-        at::mm_out(d_x_running, d_projected_rows, weight_ih);
+        const float* dp_rows = dp + begin * gates;
+        const float* dh_rows = dh + begin * gates;
+        float* dx_rows = dxr + begin * inputs;
+        float* x_step_rows = xr + begin * inputs;
+        gemm(false, false, running, inputs, gates, dp_rows, gates, wi, inputs, 0.f, dx_rows,
+             inputs);  // dL/dx_t = dL/dprojected_t W_i
         for (int64_t i = 0; i < running; ++i) {
-          std::memcpy(dx + (o[begin + i] * length + t) * inputs, dxr + i * inputs,
+          std::memcpy(dx + (o[begin + i] * length + t) * inputs, dx_rows + i * inputs,
                       inputs * sizeof(float));
         }
-        gather_step(xp, x_row, x_step, inputs, o, begin, running, t, xr);
-        d_weight_ih.addmm_(d_projected_rows.t(), x_rows.narrow(0, 0, running));
+        gather_step(xp, x_row, x_step, inputs, o, begin, running, t, x_step_rows);
+        gemm(true, false, gates, inputs, running, dp_rows, gates, x_step_rows, inputs, 1.f,
+             d_weight_ih, inputs);  // += dL/dprojected_t^T x_t
         if (t > 0) {  // h_0 = 0 adds nothing to U's gradient and has no gradient itself
-          d_weight.addmm_(d_hidden_rows.t(), states[t].narrow(0, begin, running));
-          // dL/dh_{t-1} = keep + dL/dhidden_t U
-          auto carry_rows = carry.narrow(0, begin, running);
-          at::addmm_out(carry_rows, keep.narrow(0, begin, running), d_hidden_rows, weight);
+          const float* h_rows = h + (t * batch + begin) * size;
+          gemm(true, false, gates, size, running, dh_rows, gates, h_rows, size, 1.f, d_weight,
+               size);  // += dL/dhidden_t^T h_{t-1}
+          // dL/dh_{t-1} = carry (now grad (1 - update)) + dL/dhidden_t U
+          gemm(false, false, running, size, gates, dh_rows, gates, u, size, 1.f, c + begin * size,
+               size);
         }
       }
     }
