@@ -153,6 +153,34 @@ def test_recurrence_with_lengths_stops_each_row_at_its_length(
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
+@pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
+def test_final_only_is_each_rows_last_state(kernels, augru, monkeypatch):
+    """`final_only` gives the state after each row's last step (h_0 = 0 for an empty row) and
+    the same gradients as taking it from all the states."""
+    if kernels and not cpu_kernels.available():
+        pytest.skip("the fused CPU kernels need a C++ compiler")
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "_state", {"loaded": False})
+    inputs, attention, _ = _inputs(37, 9, 5)
+    lengths = _lengths(37, 9)
+    attention = attention if augru else None
+    upstream = torch.randn(37, 5, generator=torch.Generator().manual_seed(2))
+
+    def final(*args):
+        return gated_recurrence(*args, lengths=lengths, final_only=True)
+
+    def last_of_all(*args):
+        return gated_recurrence(*args, lengths=lengths)[:, -1]
+
+    got = _states_and_grads(final, inputs, attention, upstream)
+    want = _states_and_grads(last_of_all, inputs, attention, upstream)
+    assert got[0].shape == (37, 5) and not got[0][-1].any()  # the empty row: h_0
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @needs_kernels
 def test_kernels_reject_lengths_outside_the_sequence():
     inputs, attention, _ = _inputs(3, 4, 2)
@@ -185,7 +213,7 @@ def test_kernels_reject_other_dtypes_by_name():
     (x, weight_ih, bias_ih, weight_hh, bias_hh), attention, _ = _inputs(2, 2, 2)
     with pytest.raises(RuntimeError, match="gated_forward takes float32 CPU tensors, got Double"):
         torch.ops.attention_ctr_kernels.gated_forward(
-            x.double(), weight_ih, bias_ih, weight_hh, bias_hh, attention, torch.empty(0)
+            x.double(), weight_ih, bias_ih, weight_hh, bias_hh, attention, torch.empty(0), False
         )
 
 

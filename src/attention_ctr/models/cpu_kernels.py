@@ -122,17 +122,17 @@ class FusedGatedRecurrence(torch.autograd.Function):
     step's input projection W_i x_t + b_i (and its gradients) inside the time loop."""
 
     @staticmethod
-    def forward(ctx, x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh):  # type: ignore[override]
+    def forward(ctx, x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh, final_only):  # type: ignore[override]
         with torch.autocast("cpu", enabled=False):
             x_, weight_ih_, weight = x.float(), weight_ih.float(), weight_hh.float()
             a = attention.float()
             output, states, saved, order = torch.ops.attention_ctr_kernels.gated_forward(
-                x_, weight_ih_, bias_ih.float(), weight, bias_hh.float(), a, lengths
+                x_, weight_ih_, bias_ih.float(), weight, bias_hh.float(), a, lengths, final_only
             )
         ctx.save_for_backward(x_, states, saved, order, lengths, weight_ih_, weight, a)
         ctx.dtypes = tuple(
             t.dtype for t in (x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh)
-        )
+        ) + (None,)
         return output
 
     @staticmethod
@@ -153,7 +153,7 @@ class FusedGatedRecurrence(torch.autograd.Function):
                     attention,
                 )
             )
-        gradients = (d_x, d_weight_ih, d_bias_ih, d_attention, None, d_weight, d_bias_hh)
+        gradients = (d_x, d_weight_ih, d_bias_ih, d_attention, None, d_weight, d_bias_hh, None)
         return tuple(
             None if x is None or x.numel() == 0 else x.to(dtype)
             for x, dtype in zip(gradients, ctx.dtypes)
@@ -168,10 +168,13 @@ def fused_gated_recurrence(
     bias_hh: Tensor,
     attention: Tensor,
     lengths: Tensor,
+    final_only: bool = False,
 ) -> Tensor:
-    """All states `[B, L, H]` over `x` `[B, L, I]`; `attention` empty for the GRU, `lengths`
-    `[B]` empty when every row runs all L steps."""
-    return FusedGatedRecurrence.apply(x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh)
+    """All states `[B, L, H]` over `x` `[B, L, I]` (`final_only`: each row's last `[B, H]`);
+    `attention` empty for the GRU, `lengths` `[B]` empty when every row runs all L steps."""
+    return FusedGatedRecurrence.apply(
+        x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh, final_only
+    )
 
 
 def usable(x: Tensor) -> bool:

@@ -568,7 +568,7 @@ class AUGRUCell(nn.Module):
         """
         if self.training and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
             weights = (self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh)
-            return gated_recurrence(x, *weights, attention, lengths)[:, -1]
+            return gated_recurrence(x, *weights, attention, lengths, final_only=True)
         projected = self.input_projection(x)  # [B, L, 3H], one matmul for all timesteps
         dtype = torch.promote_types(projected.dtype, torch.float32)
         h = projected.new_zeros(projected.shape[0], self.hidden_size, dtype=dtype)
@@ -585,9 +585,10 @@ def gated_recurrence(
     bias_hh: Tensor,
     attention: Tensor | None = None,
     lengths: Tensor | None = None,
+    final_only: bool = False,
 ) -> Tensor:
     """All states `[B, L, H]` of a GRU-type recurrence over `x` `[B, L, I]` from h_0 = 0, for
-    training.
+    training; with `final_only` only the last one `[B, H]` (the kernels then write no others).
 
     With `lengths` `[B]` (left-aligned rows), row b runs only its first lengths[b] steps: its
     states after that repeat its last real one (h_0 = 0 for an empty row), whatever `x` and
@@ -616,6 +617,7 @@ def gated_recurrence(
                 bias_hh,
                 attention,
                 no_lengths if lengths is None else lengths,
+                final_only,
             )
     if lengths is not None:
         running = torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(-1)  # [B, L]
@@ -629,7 +631,8 @@ def gated_recurrence(
             weight_hh, bias_hh = weight_hh * sign.unsqueeze(-1), bias_hh * sign
             attention = running.to(x.dtype)
     projected = F.linear(x, weight_ih, bias_ih)
-    return _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
+    states = _GatedRecurrence.apply(projected, attention, weight_hh, bias_hh)
+    return states[:, -1] if final_only else states
 
 
 class _GatedRecurrence(torch.autograd.Function):

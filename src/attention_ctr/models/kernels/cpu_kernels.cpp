@@ -144,8 +144,8 @@ std::pair<at::Tensor, std::vector<int64_t>> internal_order(const at::Tensor& len
 // Step t for the running rows at internal positions [begin, end). projected = this step's
 // W_i x_t (no bias) [B, 3H], bias_ih b_i [3H], hidden = U h_{t-1} [B, 3H], bias_hh b_h, states
 // [L+1, B, H] and saved [L, B, 4, H] = r_t, the update gate (u_t AUGRU, z_t GRU),
-// U_n h_{t-1} + b_hn, h~_t: all in internal order. attention [B, L] and output [B, L, H] are in
-// the caller's order.
+// U_n h_{t-1} + b_hn, h~_t: all in internal order. attention [B, L] and output [B, L, H] (null:
+// not written) are in the caller's order.
 void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
                   int64_t size, const int64_t* __restrict__ order,
                   const float* __restrict__ projected, const float* __restrict__ bias_ih,
@@ -161,7 +161,7 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
     const float* __restrict__ h = states + (t * batch + p) * size;
     float* __restrict__ h_next = states + ((t + 1) * batch + p) * size;
     float* __restrict__ s = saved + (t * batch + p) * 4 * size;
-    float* __restrict__ out = output + (b * length + t) * size;
+    float* __restrict__ out = output ? output + (b * length + t) * size : nullptr;
     const float a = augru ? attention[b * length + t] : 0.f;
 #pragma omp simd
     for (int64_t j = 0; j < size; ++j) {
@@ -178,13 +178,14 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
       const float next = augru ? h[j] + a * gate * (candidate - h[j])
                                : candidate + gate * (h[j] - candidate);
       h_next[j] = next;
-      out[j] = next;
+      if (out) out[j] = next;
     }
   }
 }
 
 // Backward of step t for the running rows at internal positions [begin, end). grad = dL/dh_t
-// = carry + upstream_t (the caller's row b, step t at b * up_row + t * up_step). Writes this
+// = carry + upstream_t (the caller's row b, step t at b * up_row + t * up_step; null: none, the
+// final state's gradient was the initial carry). Writes this
 // step's dL/dprojected_t and dL/dhidden_t [B, 3H] (for the input's and U's gradients),
 // dL/da_t, and replaces carry by grad (1 - update): dL/dh_{t-1} = that + dL/dhidden_t U (the
 // gemm after this). Adds the rows' dL/dprojected and dL/dhidden to `bias_sums` [2, 3H] (the
@@ -201,7 +202,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
   const bool augru = attention != nullptr;
   for (int64_t p = begin; p < end; ++p) {
     const int64_t b = order[p];
-    const float* __restrict__ up = upstream + b * up_row + t * up_step;
+    const float* __restrict__ up = upstream ? upstream + b * up_row + t * up_step : nullptr;
     const float* __restrict__ previous = states + (t * batch + p) * size;
     const float* __restrict__ s = saved + (t * batch + p) * 4 * size;
     float* __restrict__ c = carry + p * size;  // read, then replaced, element by element
@@ -213,7 +214,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
     float d_a = 0.f;
 #pragma omp simd reduction(+ : d_a)
     for (int64_t j = 0; j < size; ++j) {
-      const float grad = c[j] + up[j];
+      const float grad = up ? c[j] + up[j] : c[j];
       const float reset = s[j], gate = s[size + j], hidden_n = s[2 * size + j];
       const float candidate = s[3 * size + j];
       const float change = candidate - previous[j];  // h~_t - h_{t-1}
@@ -262,14 +263,15 @@ void gather_step(const float* __restrict__ x, int64_t x_row, int64_t x_step, int
 }
 
 // x [B, L, I], weight_ih W_i [3H, I], bias_ih b_i [3H], weight U [3H, H], bias b_h [3H],
-// attention [B, L] (empty: GRU), lengths [B] (empty: all L) -> output [B, L, H], and for the
-// backward the internal states [L + 1, B, H] (h_0 = 0), saved [L, B, 4, H] and order [B].
+// attention [B, L] (empty: GRU), lengths [B] (empty: all L) -> output [B, L, H] (final_only:
+// each row's last state [B, H]), and for the backward the internal states [L + 1, B, H]
+// (h_0 = 0), saved [L, B, 4, H] and order [B].
 // Each step's input projection W_i x_t is computed in the loop, for the running rows only: a
 // row stops at its length, and its later outputs repeat its last state.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
     const at::Tensor& x_in, const at::Tensor& weight_ih_in, const at::Tensor& bias_ih,
     const at::Tensor& weight_in, const at::Tensor& bias, const at::Tensor& attention_in,
-    const at::Tensor& lengths) {
+    const at::Tensor& lengths, bool final_only) {
   for (const auto* x : {&x_in, &weight_ih_in, &bias_ih, &weight_in, &bias, &attention_in}) {
     check(*x, "gated_forward");
   }
@@ -289,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
   const auto internal = internal_order(lengths, batch, length, chunk);
   const at::Tensor& order = internal.first;
   const std::vector<int64_t>& steps = internal.second;
-  auto output = at::empty({batch, length, size}, x.options());
+  auto output = final_only ? at::empty({batch, size}, x.options())
+                           : at::empty({batch, length, size}, x.options());
   auto states = at::empty({length + 1, batch, size}, x.options());
   states[0].zero_();  // h_0; a running row's later states are written by its steps
   auto saved = at::empty({length, batch, 4, size}, x.options());
@@ -325,8 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
           gemm(false, true, running, gates, size, h + (t * batch + begin) * size, size, u, size,
                0.f, g + begin * gates, gates);
           forward_rows(begin, begin + running, t, batch, length, size, o, p, bi, g, bh, a, h, s,
-                       out);
+                       final_only ? nullptr : out);
         }
+        if (final_only) continue;
         for (int64_t q = begin + running; q < end; ++q) {  // ended rows keep their last state
           float* row_out = out + (o[q] * length + t) * size;
           if (t == 0) {
@@ -336,12 +340,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
           }
         }
       }
+      if (final_only) {  // the state after each row's last step (h_0 for an empty row)
+        for (int64_t q = begin; q < end; ++q) {
+          std::memcpy(out + o[q] * size, h + (steps[q] * batch + q) * size, size * sizeof(float));
+        }
+      }
     }
   });
   return {output, states, saved, order};
 }
 
-// upstream dL/doutput [B, L, H] -> dL/dx [B, L, I], dL/dW_i [3H, I], dL/dU [3H, H], dL/da
+// upstream dL/doutput [B, L, H] (or [B, H] for final_only's output) -> dL/dx [B, L, I], dL/dW_i [3H, I], dL/dU [3H, H], dL/da
 // [B, L] (empty for the GRU), dL/db_i [3H], dL/db_h [3H]. Per step and thread, dL/dx_t =
 // dL/dprojected_t W_i and the weight gradients' terms are taken while this step's gradients are
 // in cache (the weight terms summed per thread, then in order), so no [L, B, 3H] gradient is
@@ -363,6 +372,7 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   const int64_t length = saved.size(0), batch = saved.size(1), size = saved.size(3);
   const int64_t gates = 3 * size, inputs = x.size(2);
   const bool augru = attention.numel() > 0;
+  const bool final_only = upstream.dim() == 2;
   const int64_t* o = order.data_ptr<int64_t>();
   std::vector<int64_t> steps(batch, length);
   if (lengths.numel()) {
@@ -379,7 +389,8 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   auto d_hidden = at::empty({batch, gates}, upstream.options());     // one step's
   auto d_attention = at::empty({augru ? batch : 0, length}, upstream.options());
   auto bias_sums = at::zeros({blocks, 2, gates}, upstream.options());
-  auto carry = at::zeros({batch, size}, upstream.options());
+  // dL/dh_t carried back: the final state's gradient to start with (final_only), else zero
+  auto carry = final_only ? upstream.index_select(0, order) : at::zeros({batch, size}, upstream.options());
   auto x_rows = at::empty({batch, inputs}, upstream.options());    // one step's, in order
   auto d_x_rows = at::empty({batch, inputs}, upstream.options());  // one step's, in order
   auto weight_ih_sums = at::zeros({parts, gates, inputs}, upstream.options());
@@ -413,16 +424,18 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
         while (begin + running < end && steps[begin + running] > t) ++running;
         for (int64_t q = begin + running; q < end; ++q) {  // ended: output_t is its last state
           const int64_t b = o[q];
-          const float* up_q = up + b * up_row + t * up_step;
-          float* carry_q = c + q * size;
-          for (int64_t j = 0; j < size; ++j) carry_q[j] += up_q[j];
+          if (!final_only) {
+            const float* up_q = up + b * up_row + t * up_step;
+            float* carry_q = c + q * size;
+            for (int64_t j = 0; j < size; ++j) carry_q[j] += up_q[j];
+          }
           std::memset(dx + (b * length + t) * inputs, 0, inputs * sizeof(float));
           if (augru) da[b * length + t] = 0.f;
         }
         if (running == 0) continue;
         for (int64_t row = begin; row < begin + running; row += kRowsPerTask) {
           backward_rows(row, std::min(begin + running, row + kRowsPerTask), t, batch, length,
-                        size, o, up, up_row, up_step, h, s, a, c, dp, dh, da,
+                        size, o, final_only ? nullptr : up, up_row, up_step, h, s, a, c, dp, dh, da,
                         sums + row / kRowsPerTask * 2 * gates);
         }
         const float* dp_rows = dp + begin * gates;
@@ -887,7 +900,7 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
   m.def("bias_prelu_backward(Tensor grad, Tensor h, Tensor slope, int period)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_forward(Tensor x, Tensor weight_ih, Tensor bias_ih, Tensor weight, Tensor bias,"
-        " Tensor attention, Tensor lengths) -> (Tensor, Tensor, Tensor, Tensor)");
+        " Tensor attention, Tensor lengths, bool final_only) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_backward(Tensor upstream, Tensor x, Tensor states, Tensor saved, Tensor order,"
         " Tensor lengths, Tensor weight_ih, Tensor weight, Tensor attention)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
