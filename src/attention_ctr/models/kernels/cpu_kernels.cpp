@@ -625,12 +625,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_prelu_backward(
   const float* hp = h.data_ptr<float>();
   const float* sp = slope.data_ptr<float>();
   float* dp = dz.data_ptr<float>();
-  auto sums = block_sums(rows, 2 * columns, h.options(), [&](int64_t first, int64_t last,
-                                                             float* d_bias) {
-    prelu_backward_rows(first, last, columns, gp, hp, sp, dp, d_bias, d_bias + columns);
+  if (!period) {
+    auto sums = block_sums(rows, 2 * columns, h.options(), [&](int64_t first, int64_t last,
+                                                               float* d_bias) {
+      prelu_backward_rows(first, last, columns, gp, hp, sp, dp, d_bias, d_bias + columns);
+    });  // [d bias, d slope]
+    return {dz, sums.narrow(0, 0, columns), sums.narrow(0, columns, columns),
+            at::empty({0, columns}, h.options())};
+  }
+  // Blocks of addend rows, each with all its tiles' rows: dL/daddend is summed while the
+  // block's dL/dz is still in cache.
+  const int64_t tiles = rows / period;
+  auto d_addend = at::empty({period, columns}, h.options());
+  float* da = d_addend.data_ptr<float>();
+  auto sums = block_sums(period, 2 * columns, h.options(), [&](int64_t first, int64_t last,
+                                                               float* d_bias) {
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      prelu_backward_rows(tile * period + first, tile * period + last, columns, gp, hp, sp, dp,
+                          d_bias, d_bias + columns);
+    }
+    std::memcpy(da + first * columns, dp + first * columns,
+                (last - first) * columns * sizeof(float));
+    for (int64_t tile = 1; tile < tiles; ++tile) {
+      const float* __restrict__ part = dp + tile * period * columns;
+      float* __restrict__ sum = da;
+      for (int64_t i = first * columns; i < last * columns; ++i) sum[i] += part[i];
+    }
   });  // [d bias, d slope]
-  auto d_addend = period ? dz.view({rows / period, period, columns}).sum(0)
-                         : at::empty({0, columns}, h.options());
   return {dz, sums.narrow(0, 0, columns), sums.narrow(0, columns, columns), d_addend};
 }
 
