@@ -422,3 +422,33 @@ print("same")
     )
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert finished.stdout.strip() == "same"
+
+
+@needs_kernels
+def test_fused_pair_lookup_matches_the_embeddings():
+    """Values and both tables' gradients against `torch.cat` of two `nn.Embedding` lookups
+    (row 0 is padding: no gradient), with one of the outputs unused."""
+    generator = torch.Generator().manual_seed(0)
+    items = torch.nn.Embedding(40, 5, padding_idx=0)
+    categories = torch.nn.Embedding(7, 3, padding_idx=0)
+    ids = [torch.randint(0, 40, (9, k), generator=generator) for k in (1, 6, 6)]
+    category_ids = [torch.randint(0, 7, (9, k), generator=generator) for k in (1, 6, 6)]
+    ids[1][:, 4:] = 0  # padding
+    fused = cpu_kernels.pair_lookup(items.weight, categories.weight, ids, category_ids)
+    eager = [torch.cat([items(i), categories(c)], dim=-1) for i, c in zip(ids, category_ids)]
+    for got, want in zip(fused, eager):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    upstream = [torch.randn(want.shape, generator=generator) for want in eager[:2]]
+    tables = [items.weight, categories.weight]
+    got = torch.autograd.grad(fused[:2], tables, upstream)
+    want = torch.autograd.grad(eager[:2], tables, upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not got[0][0].any() and not got[1][0].any()
+
+
+@needs_kernels
+def test_fused_pair_lookup_names_ids_outside_the_tables():
+    table = torch.zeros(4, 2)
+    with pytest.raises(RuntimeError, match="item id 4 / category id 1 outside the tables"):
+        cpu_kernels.pair_lookup(table, table, [torch.tensor([[1, 4]])], [torch.tensor([[1, 1]])])

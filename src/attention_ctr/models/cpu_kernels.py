@@ -256,6 +256,42 @@ class FusedDice(torch.autograd.Function):
         return d_x, d_alpha, None, None
 
 
+class FusedPairLookup(torch.autograd.Function):
+    """[item ⊕ category] vectors of K pairs of id tensors from two embedding tables, one output
+    per pair (no concatenation, no split); the backward sums each table's dense gradient in one
+    pass (row 0 is padding: no gradient, as `nn.Embedding(padding_idx=0)`)."""
+
+    @staticmethod
+    def forward(ctx, item_table, category_table, *ids):  # type: ignore[override]
+        pairs = len(ids) // 2
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*ids)
+        ctx.tables = (*item_table.shape, *category_table.shape)
+        return tuple(
+            torch.ops.attention_ctr_kernels.pair_lookup_forward(
+                item_table, category_table, list(ids[:pairs]), list(ids[pairs:])
+            )
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        ids = ctx.saved_tensors
+        pairs = len(ids) // 2
+        grads = [g if g is not None else ids[0].new_empty(0, dtype=torch.float32) for g in grads]
+        d_items, d_categories = torch.ops.attention_ctr_kernels.pair_lookup_backward(
+            grads, list(ids[:pairs]), list(ids[pairs:]), *ctx.tables
+        )
+        return (d_items, d_categories, *([None] * len(ids)))
+
+
+def pair_lookup(
+    item_table: Tensor, category_table: Tensor, items: list[Tensor], categories: list[Tensor]
+) -> tuple[Tensor, ...]:
+    """`cat([item_table[items[i]], category_table[categories[i]]], -1)` for each i."""
+    return FusedPairLookup.apply(item_table, category_table, *items, *categories)
+
+
 class FusedGatherPositions(torch.autograd.Function):
     """`torch.stack([x[row, position] for x in sources])` for float32 `[B, L, E]` sources."""
 
