@@ -452,3 +452,42 @@ def test_fused_pair_lookup_names_ids_outside_the_tables():
     table = torch.zeros(4, 2)
     with pytest.raises(RuntimeError, match="item id 4 / category id 1 outside the tables"):
         cpu_kernels.pair_lookup(table, table, [torch.tensor([[1, 4]])], [torch.tensor([[1, 1]])])
+
+
+@needs_kernels
+@pytest.mark.parametrize("tiles", [0, 2], ids=["no addend", "addend tiled 2x"])
+def test_fused_prelu_head_matches_eager(tiles):
+    """DIEN's auxiliary head in one kernel against eager torch: logits and every gradient,
+    with the first weight a column slice (as DIEN passes it) and rows spanning several
+    blocks, not a multiple of one."""
+    generator = torch.Generator().manual_seed(0)
+    period, inputs, first, second = 301, 6, 9, 5
+    rows = period * max(tiles, 1)
+    x = torch.randn(rows, inputs, generator=generator, requires_grad=True)
+    wide = torch.randn(first, inputs + 4, generator=generator, requires_grad=True)
+    addend = torch.randn(period, first, generator=generator, requires_grad=True)
+    params = [
+        torch.randn(first, generator=generator),  # b1
+        torch.rand(first, generator=generator),  # s1
+        torch.randn(second, first, generator=generator),  # w2
+        torch.randn(second, generator=generator),  # b2
+        torch.rand(second, generator=generator),  # s2
+        torch.randn(1, second, generator=generator),  # w_out
+        torch.randn(1, generator=generator),  # b_out
+    ]
+    params = [p.requires_grad_() for p in params]
+    b1, s1, w2, b2, s2, w_out, b_out = params
+    w1 = wide[:, 4:]
+    upstream = torch.randn(rows, 1, generator=generator)
+    leaves = [x, wide, *params] + ([addend] if tiles else [])
+
+    fused = cpu_kernels.FusedPReLUHead.apply(x, w1, addend if tiles else x.new_empty(0), *params)
+    z = F.linear(x, w1, b1)
+    if tiles:
+        z = (z.view(tiles, period, first) + addend).view(rows, first)
+    eager = F.linear(F.prelu(F.linear(F.prelu(z, s1), w2, b2), s2), w_out, b_out)
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad(fused, leaves, upstream)
+    want = torch.autograd.grad(eager, leaves, upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -256,6 +256,29 @@ class FusedDice(torch.autograd.Function):
         return d_x, d_alpha, None, None
 
 
+class FusedPReLUHead(torch.autograd.Function):
+    """A head of two PReLU layers and a one-unit output, from its input `x` `[R, E]`:
+    `w_out PReLU(W2 PReLU(x W1^T + b1 + addend[r % M]) + b2) + b_out` -> `[R, 1]`, run by row
+    blocks whose activations stay in cache; only the PReLUs' inputs are kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, w1, addend, b1, s1, w2, b2, s2, w_out, b_out):  # type: ignore[override]
+        logits, h1, h2 = torch.ops.attention_ctr_kernels.prelu_head_forward(
+            x, w1, addend, b1, s1, w2, b2, s2, w_out, b_out
+        )
+        ctx.save_for_backward(x, w1, h1, h2, s1, w2, s2, w_out)
+        ctx.period = addend.shape[0] if addend.numel() else 0
+        return logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        d_x, d_w1, d_addend, *rest = torch.ops.attention_ctr_kernels.prelu_head_backward(
+            grad, *ctx.saved_tensors, ctx.period
+        )
+        return (d_x, d_w1, d_addend if ctx.period else None, *rest)
+
+
 class FusedPairLookup(torch.autograd.Function):
     """[item ⊕ category] vectors of K pairs of id tensors from two embedding tables, one output
     per pair (no concatenation, no split); the backward sums each table's dense gradient in one

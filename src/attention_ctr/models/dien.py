@@ -173,8 +173,9 @@ class DIEN(CTRModel):
         w_state, w_behaviour = first.weight.split([states.shape[-1], history.shape[-1]], dim=1)
         state_part = F.linear(state.reshape(-1, state.shape[-1]), w_state)  # [rows, A]
         next_behaviours = next_behaviours.to(state_part.dtype)  # [2, ..., E]
-        product = F.linear(next_behaviours.reshape(-1, history.shape[-1]), w_behaviour)
-        logits = self.aux_net.after_first_product(product, addend=state_part)
+        logits = self.aux_net.after_first_input(
+            next_behaviours.reshape(-1, history.shape[-1]), w_behaviour, addend=state_part
+        )
         logits = logits.view(2, *state.shape[:-1]).float()  # [2, ...]
         labels = torch.stack([torch.ones_like(logits[0]), torch.zeros_like(logits[1])])
         losses = F.binary_cross_entropy_with_logits(logits, labels, weights, reduction="sum")

@@ -389,6 +389,28 @@ class MLP(nn.Module):
             x = self.activations[0](x)
         return self._rest(self.dropout(x))
 
+    def after_first_input(self, x: Tensor, weight: Tensor, addend: Tensor | None = None) -> Tensor:
+        """`after_first_product(F.linear(x, weight), addend)` for `x` `[R, K]` and `weight`
+        `[hidden[0], K]` (the first Linear's weight or a column slice of it). In CPU training
+        a head of two PReLU layers and a one-unit output (DIEN's auxiliary net) is one kernel
+        over row blocks (`cpu_kernels.FusedPReLUHead`): of its activations only the PReLUs'
+        inputs are written."""
+        if len(self.linears) == 2 and self._fuses(0, x) and self._fuses_output(x):
+            (first, second), (slope_1, slope_2) = self.linears, self.activations
+            return cpu_kernels.FusedPReLUHead.apply(
+                x,
+                weight,
+                x.new_empty(0) if addend is None else addend,
+                first.bias,
+                slope_1.weight,
+                second.weight,
+                second.bias,
+                slope_2.weight,
+                self.output.weight,
+                self.output.bias,
+            )
+        return self.after_first_product(F.linear(x, weight), addend)
+
     def _fuses(self, index: int, x: Tensor) -> bool:
         return isinstance(self.activations[index], PReLU) and x.dim() == 2 and cpu_kernels.usable(x)
 

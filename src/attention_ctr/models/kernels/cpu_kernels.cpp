@@ -998,7 +998,195 @@ std::tuple<at::Tensor, at::Tensor> pair_lookup_backward(at::TensorList grads,
   return {d_items, d_categories};
 }
 
+constexpr int64_t kHeadRows = 256;  // rows per block of the fused head: its activations stay in L2
+
+// DIEN's auxiliary net from its input: logits = w_out PReLU(W2 PReLU(x W1^T + b1 + addend[r % M])
+// + b2) + b_out for x [R, E] (W1 [A, E] may be a column slice of a wider weight), addend [M, A]
+// tiling the rows (or empty), W2 [C, A], w_out [1, C]. Rows run in blocks of kHeadRows whose
+// products stay in cache; only the PReLUs' inputs h1 [R, A] and h2 [R, C] are written, for the
+// backward. -> (logits [R, 1], h1, h2).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prelu_head_forward(
+    const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& addend_in,
+    const at::Tensor& b1, const at::Tensor& s1, const at::Tensor& w2_in, const at::Tensor& b2,
+    const at::Tensor& s2, const at::Tensor& w_out, const at::Tensor& b_out) {
+  for (const auto* t : {&x_in, &w1_in, &addend_in, &b1, &s1, &w2_in, &b2, &s2, &w_out, &b_out}) {
+    check(*t, "prelu_head_forward");
+  }
+  const auto x = x_in.contiguous();
+  const auto w1 = unit_last_stride(w1_in);
+  const auto w2 = w2_in.contiguous();
+  const auto addend = addend_in.contiguous();
+  const int64_t rows = x.size(0), inputs = x.size(1), first = w1.size(0), second = w2.size(0);
+  const int64_t period = addend.numel() ? addend.size(0) : 0;
+  TORCH_CHECK(w1.size(1) == inputs && w2.size(1) == first && w_out.numel() == second &&
+                  b1.numel() == first && s1.numel() == first && b2.numel() == second &&
+                  s2.numel() == second && (!period || (rows % period == 0 &&
+                                                        addend.size(1) == first)),
+              "attention_ctr CPU kernels: prelu_head_forward's shapes disagree");
+  auto logits = at::empty({rows, 1}, x.options());
+  auto h1 = at::empty({rows, first}, x.options());
+  auto h2 = at::empty({rows, second}, x.options());
+  const float *xp = x.data_ptr<float>(), *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
+  const int64_t ld_w1 = w1.stride(0);
+  const float* ap = period ? addend.data_ptr<float>() : nullptr;
+  const float *b1p = b1.data_ptr<float>(), *s1p = s1.data_ptr<float>();
+  const float *b2p = b2.data_ptr<float>(), *s2p = s2.data_ptr<float>();
+  const float* wo = w_out.data_ptr<float>();
+  const float bo = b_out.item<float>();
+  float *lp = logits.data_ptr<float>(), *h1p = h1.data_ptr<float>(), *h2p = h2.data_ptr<float>();
+  const int64_t blocks = (rows + kHeadRows - 1) / kHeadRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> activations(kHeadRows * first);  // PReLU(h1) of a block
+    float* o1 = activations.data();
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kHeadRows, n = std::min(rows, r0 + kHeadRows) - r0;
+      float* h1b = h1p + r0 * first;
+      float* h2b = h2p + r0 * second;
+      gemm(false, true, n, first, inputs, xp + r0 * inputs, inputs, w1p, ld_w1, 0.f, h1b, first);
+      for (int64_t i = 0; i < n; ++i) {
+        float* __restrict__ hr = h1b + i * first;
+        float* __restrict__ orow = o1 + i * first;
+        const float* __restrict__ ar = ap ? ap + ((r0 + i) % period) * first : nullptr;
+#pragma omp simd
+        for (int64_t a = 0; a < first; ++a) {
+          const float h = hr[a] + b1p[a] + (ar ? ar[a] : 0.f);
+          hr[a] = h;
+          orow[a] = prelu(h, s1p[a]);
+        }
+      }
+      gemm(false, true, n, second, first, o1, first, w2p, first, 0.f, h2b, second);
+      for (int64_t i = 0; i < n; ++i) {
+        float* __restrict__ hr = h2b + i * second;
+        float logit = 0.f;
+#pragma omp simd reduction(+ : logit)
+        for (int64_t c = 0; c < second; ++c) {
+          const float h = hr[c] + b2p[c];
+          hr[c] = h;
+          logit += prelu(h, s2p[c]) * wo[c];
+        }
+        lp[r0 + i] = logit + bo;
+      }
+    }
+  });
+  return {logits, h1, h2};
+}
+
+// Backward of prelu_head_forward from dL/dlogits [R] (or [R, 1]). Tasks are blocks of kHeadRows
+// addend rows with all the rows that share them (one block of rows without an addend), so
+// dL/daddend is summed in cache and without races; every column sum and weight gradient is
+// taken per task and the tasks' parts summed in order (deterministic for any thread count).
+// -> (dL/dx [R, E], dL/dW1 [A, E], dL/daddend [M, A] (empty without), dL/db1, dL/ds1,
+// dL/dW2 [C, A], dL/db2, dL/ds2, dL/dw_out [1, C], dL/db_out [1]).
+std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                            const at::Tensor& w1_in, const at::Tensor& h1,
+                                            const at::Tensor& h2, const at::Tensor& s1,
+                                            const at::Tensor& w2_in, const at::Tensor& s2,
+                                            const at::Tensor& w_out, int64_t period) {
+  for (const auto* t : {&grad_in, &x_in, &w1_in, &h1, &h2, &s1, &w2_in, &s2, &w_out}) {
+    check(*t, "prelu_head_backward");
+  }
+  const auto grad = grad_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto w1 = unit_last_stride(w1_in);
+  const auto w2 = w2_in.contiguous();
+  const int64_t rows = x.size(0), inputs = x.size(1), first = w1.size(0), second = w2.size(0);
+  const int64_t shared = period ? period : rows;  // rows of one tile
+  const int64_t tiles = rows / shared;
+  const int64_t tasks = (shared + kHeadRows - 1) / kHeadRows;
+  const auto options = x.options();
+  auto d_x = at::empty({rows, inputs}, options);
+  auto d_addend = at::empty({period ? period : 0, first}, options);
+  auto d_w1_parts = at::empty({tasks, first, inputs}, options);
+  auto d_w2_parts = at::empty({tasks, second, first}, options);
+  // per task: [d b1, d s1, d b2, d s2, d w_out, d b_out]
+  const int64_t width = 2 * first + 3 * second + 1;
+  auto sum_parts = at::zeros({tasks, width}, options);
+  const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>();
+  const float *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
+  const int64_t ld_w1 = w1.stride(0);
+  const float *h1p = h1.data_ptr<float>(), *h2p = h2.data_ptr<float>();
+  const float *s1p = s1.data_ptr<float>(), *s2p = s2.data_ptr<float>();
+  const float* wo = w_out.data_ptr<float>();
+  float *dxp = d_x.data_ptr<float>(), *dap = period ? d_addend.data_ptr<float>() : nullptr;
+  float *dw1 = d_w1_parts.data_ptr<float>(), *dw2 = d_w2_parts.data_ptr<float>();
+  float* sums_all = sum_parts.data_ptr<float>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kHeadRows * (2 * first + second));
+    float* o1 = buffer.data();                // PReLU(h1), recomputed
+    float* d1 = o1 + kHeadRows * first;       // dL/dh1
+    float* d2 = d1 + kHeadRows * first;       // dL/dh2
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = task * kHeadRows, n = std::min(shared, i0 + kHeadRows) - i0;
+      float* sums = sums_all + task * width;
+      float *db1 = sums, *ds1 = sums + first, *db2 = sums + 2 * first;
+      float *ds2 = db2 + second, *dwo = ds2 + second, *dbo = dwo + second;
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t r0 = tile * shared + i0;
+        const float beta = tile == 0 ? 0.f : 1.f;
+        for (int64_t i = 0; i < n; ++i) {
+          const float g = gp[r0 + i];
+          const float* __restrict__ hr = h2p + (r0 + i) * second;
+          float* __restrict__ dr = d2 + i * second;
+          *dbo += g;
+#pragma omp simd
+          for (int64_t c = 0; c < second; ++c) {
+            const bool positive = hr[c] > 0.f;
+            const float d_activation = g * wo[c];
+            const float d = positive ? d_activation : s2p[c] * d_activation;
+            dr[c] = d;
+            db2[c] += d;
+            ds2[c] += positive ? 0.f : d_activation * hr[c];
+            dwo[c] += g * prelu(hr[c], s2p[c]);
+          }
+          const float* __restrict__ h1r = h1p + (r0 + i) * first;
+          float* __restrict__ orow = o1 + i * first;
+#pragma omp simd
+          for (int64_t a = 0; a < first; ++a) orow[a] = prelu(h1r[a], s1p[a]);
+        }
+        // dL/dW2 += dL/dh2^T PReLU(h1); dL/dPReLU(h1) = dL/dh2 W2
+        gemm(true, false, second, first, n, d2, second, o1, first, beta,
+             dw2 + task * second * first, first);
+        gemm(false, false, n, first, second, d2, second, w2p, first, 0.f, d1, first);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* __restrict__ h1r = h1p + (r0 + i) * first;
+          float* __restrict__ dr = d1 + i * first;
+          float* __restrict__ da = dap ? dap + (i0 + i) * first : nullptr;
+#pragma omp simd
+          for (int64_t a = 0; a < first; ++a) {
+            const bool positive = h1r[a] > 0.f;
+            const float d = positive ? dr[a] : s1p[a] * dr[a];
+            ds1[a] += positive ? 0.f : dr[a] * h1r[a];
+            dr[a] = d;
+            db1[a] += d;
+            if (da) da[a] = tile == 0 ? d : da[a] + d;
+          }
+        }
+        // dL/dx = dL/dh1 W1; dL/dW1 += dL/dh1^T x
+        gemm(false, false, n, inputs, first, d1, first, w1p, ld_w1, 0.f, dxp + r0 * inputs,
+             inputs);
+        gemm(true, false, first, inputs, n, d1, first, xp + r0 * inputs, inputs, beta,
+             dw1 + task * first * inputs, inputs);
+      }
+    }
+  });
+  auto sums = sum_parts.sum(0);
+  return {d_x,
+          d_w1_parts.sum(0),
+          d_addend,
+          sums.narrow(0, 0, first),
+          sums.narrow(0, first, first),
+          d_w2_parts.sum(0),
+          sums.narrow(0, 2 * first, second),
+          sums.narrow(0, 2 * first + second, second),
+          sums.narrow(0, 2 * first + 2 * second, second).view({1, second}),
+          sums.narrow(0, 2 * first + 3 * second, 1)};
+}
+
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("prelu_head_forward(Tensor x, Tensor w1, Tensor addend, Tensor b1, Tensor s1, Tensor w2,"
+        " Tensor b2, Tensor s2, Tensor w_out, Tensor b_out) -> (Tensor, Tensor, Tensor)");
+  m.def("prelu_head_backward(Tensor grad, Tensor x, Tensor w1, Tensor h1, Tensor h2, Tensor s1,"
+        " Tensor w2, Tensor s2, Tensor w_out, int period) -> Tensor[]");
   m.def("pair_lookup_forward(Tensor item_table, Tensor category_table, Tensor[] item_ids,"
         " Tensor[] category_ids) -> Tensor[]");
   m.def("pair_lookup_backward(Tensor[] grads, Tensor[] item_ids, Tensor[] category_ids,"
@@ -1026,6 +1214,8 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
+  m.impl("prelu_head_forward", &prelu_head_forward);
+  m.impl("prelu_head_backward", &prelu_head_backward);
   m.impl("pair_lookup_forward", &pair_lookup_forward);
   m.impl("pair_lookup_backward", &pair_lookup_backward);
   m.impl("dice_forward", &dice_forward);
