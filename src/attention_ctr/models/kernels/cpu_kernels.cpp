@@ -491,7 +491,7 @@ at::Tensor block_sums(int64_t rows, int64_t width, const at::TensorOptions& opti
 }
 
 void bias_prelu_rows(int64_t begin, int64_t end, int64_t columns, int64_t period,
-                     const float* __restrict__ z, const float* __restrict__ bias,
+                     int64_t row_offset, const float* __restrict__ z, const float* __restrict__ bias,
                      const float* __restrict__ slope, const float* __restrict__ addend,
                      float* __restrict__ h, float* __restrict__ out) {
   for (int64_t r = begin; r < end; ++r) {
@@ -499,7 +499,7 @@ void bias_prelu_rows(int64_t begin, int64_t end, int64_t columns, int64_t period
     float* __restrict__ hr = h + r * columns;
     float* __restrict__ outr = out + r * columns;
     if (addend) {
-      const float* __restrict__ ar = addend + (r % period) * columns;
+      const float* __restrict__ ar = addend + ((row_offset + r) % period) * columns;
 #pragma omp simd
       for (int64_t c = 0; c < columns; ++c) {
         const float x = zr[c] + bias[c] + ar[c];
@@ -608,7 +608,7 @@ std::tuple<at::Tensor, at::Tensor> bias_prelu_forward(const at::Tensor& z_in,
   float* op = out.data_ptr<float>();
   float* hp = h.data_ptr<float>();
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    bias_prelu_rows(begin, end, columns, period, zp, bp, sp, ap, hp, op);
+    bias_prelu_rows(begin, end, columns, period, 0, zp, bp, sp, ap, hp, op);
   });
   return {out, h};
 }
@@ -1000,117 +1000,24 @@ std::tuple<at::Tensor, at::Tensor> pair_lookup_backward(at::TensorList grads,
 
 constexpr int64_t kHeadRows = 256;  // rows per block of the fused head: its activations stay in L2
 
-// The head's row loops as functions of restrict pointers (inside the drivers' lambdas gcc
-// vectorised them ~4x worse).
-
-// h = z + bias (+ addend row) in place, out = PReLU(h), for n rows of `width`.
-void head_bias_prelu(int64_t n, int64_t width, int64_t first_row, int64_t period,
-                     float* __restrict__ z, const float* __restrict__ bias,
-                     const float* __restrict__ slope, const float* __restrict__ addend,
-                     float* __restrict__ out) {
+// out = PReLU(h) for n rows of `width` (the head's backward recomputes its activations).
+void prelu_rows(int64_t n, int64_t width, const float* __restrict__ h,
+                const float* __restrict__ slope, float* __restrict__ out) {
   for (int64_t i = 0; i < n; ++i) {
-    float* __restrict__ hr = z + i * width;
-    float* __restrict__ orow = out + i * width;
-    const float* __restrict__ ar = addend ? addend + ((first_row + i) % period) * width : nullptr;
-    if (ar) {
 #pragma omp simd
-      for (int64_t a = 0; a < width; ++a) {
-        const float h = hr[a] + bias[a] + ar[a];
-        hr[a] = h;
-        orow[a] = prelu(h, slope[a]);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t a = 0; a < width; ++a) {
-        const float h = hr[a] + bias[a];
-        hr[a] = h;
-        orow[a] = prelu(h, slope[a]);
-      }
-    }
+    for (int64_t c = 0; c < width; ++c) out[i * width + c] = prelu(h[i * width + c], slope[c]);
   }
 }
 
-// h = z + bias in place, logits = PReLU(h) w_out + b_out, for n rows of `width`.
-void head_output(int64_t n, int64_t width, float* __restrict__ z, const float* __restrict__ bias,
-                 const float* __restrict__ slope, const float* __restrict__ out_weight,
-                 float out_bias, float* __restrict__ logits) {
-  for (int64_t i = 0; i < n; ++i) {
-    float* __restrict__ hr = z + i * width;
-    float logit = 0.f;
-#pragma omp simd reduction(+ : logit)
-    for (int64_t c = 0; c < width; ++c) {
-      const float h = hr[c] + bias[c];
-      hr[c] = h;
-      logit += prelu(h, slope[c]) * out_weight[c];
-    }
-    logits[i] = logit + out_bias;
+// sum = part (first) or sum += part, over `count` values.
+void add_into(int64_t count, const float* __restrict__ part, float* __restrict__ sum,
+              bool first) {
+  if (first) {
+    std::memcpy(sum, part, count * sizeof(float));
+    return;
   }
-}
-
-// Backward of head_output for n rows: d2 = dL/dh2, o1 = PReLU(h1) recomputed (for dL/dW2);
-// adds the column sums to sums = [d b2, d s2, d w_out (width each), d b_out].
-void head_output_backward(int64_t n, int64_t width, int64_t width_1,
-                          const float* __restrict__ grad, const float* __restrict__ h2,
-                          const float* __restrict__ slope, const float* __restrict__ out_weight,
-                          const float* __restrict__ h1, const float* __restrict__ slope_1,
-                          float* __restrict__ d2, float* __restrict__ o1,
-                          float* __restrict__ sums) {
-  float* __restrict__ d_bias = sums;
-  float* __restrict__ d_slope = sums + width;
-  float* __restrict__ d_out_weight = sums + 2 * width;
-  float d_out_bias = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = grad[i];
-    const float* __restrict__ hr = h2 + i * width;
-    float* __restrict__ dr = d2 + i * width;
-    d_out_bias += g;
 #pragma omp simd
-    for (int64_t c = 0; c < width; ++c) {
-      const float h = hr[c];
-      const bool positive = h > 0.f;
-      const float d_activation = g * out_weight[c];
-      const float d = positive ? d_activation : slope[c] * d_activation;
-      dr[c] = d;
-      d_bias[c] += d;
-      d_slope[c] += positive ? 0.f : d_activation * h;
-      d_out_weight[c] += g * prelu(h, slope[c]);
-    }
-    const float* __restrict__ h1r = h1 + i * width_1;
-    float* __restrict__ orow = o1 + i * width_1;
-#pragma omp simd
-    for (int64_t a = 0; a < width_1; ++a) orow[a] = prelu(h1r[a], slope_1[a]);
-  }
-  sums[3 * width] += d_out_bias;
-}
-
-// PReLU backward in place on d1 = dL/dPReLU(h1) -> dL/dh1 for n rows; adds its column sums to
-// d_bias, d_slope; with `d_addend` (n rows) writes (first) or adds the rows to it.
-void head_hidden_backward(int64_t n, int64_t width, const float* __restrict__ h1,
-                          const float* __restrict__ slope, float* __restrict__ d1,
-                          float* __restrict__ d_bias, float* __restrict__ d_slope,
-                          float* __restrict__ d_addend, bool first_tile) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* __restrict__ hr = h1 + i * width;
-    float* __restrict__ dr = d1 + i * width;
-#pragma omp simd
-    for (int64_t a = 0; a < width; ++a) {
-      const float g = dr[a], h = hr[a];
-      const bool positive = h > 0.f;
-      const float d = positive ? g : slope[a] * g;
-      d_slope[a] += positive ? 0.f : g * h;
-      dr[a] = d;
-      d_bias[a] += d;
-    }
-    if (d_addend) {
-      float* __restrict__ da = d_addend + i * width;
-      if (first_tile) {
-        std::memcpy(da, dr, width * sizeof(float));
-      } else {
-#pragma omp simd
-        for (int64_t a = 0; a < width; ++a) da[a] += dr[a];
-      }
-    }
-  }
+  for (int64_t i = 0; i < count; ++i) sum[i] += part[i];
 }
 
 // DIEN's auxiliary net from its input: logits = w_out PReLU(W2 PReLU(x W1^T + b1 + addend[r % M])
@@ -1149,16 +1056,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prelu_head_forward(
   float *lp = logits.data_ptr<float>(), *h1p = h1.data_ptr<float>(), *h2p = h2.data_ptr<float>();
   const int64_t blocks = (rows + kHeadRows - 1) / kHeadRows;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> activations(kHeadRows * first);  // PReLU(h1) of a block
-    float* o1 = activations.data();
+    // a block's products and first activations (the loops run in the row functions above:
+    // inside these lambdas gcc vectorises loops several times worse)
+    std::vector<float> buffer(kHeadRows * (2 * first + second));
+    float* z1 = buffer.data();
+    float* o1 = z1 + kHeadRows * first;
+    float* z2 = o1 + kHeadRows * first;
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = block * kHeadRows, n = std::min(rows, r0 + kHeadRows) - r0;
       float* h1b = h1p + r0 * first;
       float* h2b = h2p + r0 * second;
-      gemm(false, true, n, first, inputs, xp + r0 * inputs, inputs, w1p, ld_w1, 0.f, h1b, first);
-      head_bias_prelu(n, first, r0, period, h1b, b1p, s1p, ap, o1);
-      gemm(false, true, n, second, first, o1, first, w2p, first, 0.f, h2b, second);
-      head_output(n, second, h2b, b2p, s2p, wo, bo, lp + r0);
+      gemm(false, true, n, first, inputs, xp + r0 * inputs, inputs, w1p, ld_w1, 0.f, z1, first);
+      bias_prelu_rows(0, n, first, period, r0, z1, b1p, s1p, ap, h1b, o1);
+      gemm(false, true, n, second, first, o1, first, w2p, first, 0.f, z2, second);
+      prelu_linear_rows(0, n, second, z2, b2p, s2p, wo, bo, h2b, lp + r0);
     }
   });
   return {logits, h1, h2};
@@ -1204,10 +1115,11 @@ std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at:
   float *dw1 = d_w1_parts.data_ptr<float>(), *dw2 = d_w2_parts.data_ptr<float>();
   float* sums_all = sum_parts.data_ptr<float>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(kHeadRows * (2 * first + second));
-    float* o1 = buffer.data();                // PReLU(h1), recomputed
-    float* d1 = o1 + kHeadRows * first;       // dL/dh1
-    float* d2 = d1 + kHeadRows * first;       // dL/dh2
+    std::vector<float> buffer(kHeadRows * (3 * first + second));
+    float* o1 = buffer.data();           // PReLU(h1), recomputed
+    float* g1 = o1 + kHeadRows * first;  // dL/dPReLU(h1)
+    float* d1 = g1 + kHeadRows * first;  // dL/dh1
+    float* d2 = d1 + kHeadRows * first;  // dL/dh2
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i0 = task * kHeadRows, n = std::min(shared, i0 + kHeadRows) - i0;
       float* sums = sums_all + task * width;
@@ -1216,14 +1128,15 @@ std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at:
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t r0 = tile * shared + i0;
         const float beta = tile == 0 ? 0.f : 1.f;
-        head_output_backward(n, second, first, gp + r0, h2p + r0 * second, s2p, wo,
-                             h1p + r0 * first, s1p, d2, o1, output_sums);
+        prelu_linear_backward_rows(0, n, second, gp + r0, h2p + r0 * second, s2p, wo, d2,
+                                   output_sums);
+        prelu_rows(n, first, h1p + r0 * first, s1p, o1);
         // dL/dW2 += dL/dh2^T PReLU(h1); dL/dPReLU(h1) = dL/dh2 W2
         gemm(true, false, second, first, n, d2, second, o1, first, beta,
              dw2 + task * second * first, first);
-        gemm(false, false, n, first, second, d2, second, w2p, first, 0.f, d1, first);
-        head_hidden_backward(n, first, h1p + r0 * first, s1p, d1, db1, ds1,
-                             dap ? dap + i0 * first : nullptr, tile == 0);
+        gemm(false, false, n, first, second, d2, second, w2p, first, 0.f, g1, first);
+        prelu_backward_rows(0, n, first, g1, h1p + r0 * first, s1p, d1, db1, ds1);
+        if (dap) add_into(n * first, d1, dap + i0 * first, tile == 0);
         // dL/dx = dL/dh1 W1; dL/dW1 += dL/dh1^T x
         gemm(false, false, n, inputs, first, d1, first, w1p, ld_w1, 0.f, dxp + r0 * inputs,
              inputs);
