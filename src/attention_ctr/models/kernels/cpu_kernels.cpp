@@ -772,6 +772,92 @@ at::Tensor gather_positions_backward(const at::Tensor& grad_in, const at::Tensor
 
 }  // namespace
 
+// Dice's row loops (functions of restrict pointers: in the drivers' lambdas gcc vectorises
+// such loops several times worse). w: row weights (null: all 1).
+
+// sums[c] += w_r x_rc (center null) or w_r (x_rc - center_c)^2, rows [first, last).
+void dice_moments(int64_t first, int64_t last, int64_t columns, const float* __restrict__ x,
+                  const float* __restrict__ w, const float* __restrict__ center,
+                  float* __restrict__ sums) {
+  for (int64_t r = first; r < last; ++r) {
+    const float weight = w ? w[r] : 1.f;
+    const float* __restrict__ xr = x + r * columns;
+    if (center) {
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) {
+        const float d = xr[c] - center[c];
+        sums[c] += weight * d * d;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < columns; ++c) sums[c] += weight * xr[c];
+    }
+  }
+}
+
+// out = x (alpha + (1 - alpha) p), p = sigmoid((x - mean) rstd), rows [first, last).
+void dice_rows(int64_t first, int64_t last, int64_t columns, const float* __restrict__ x,
+               const float* __restrict__ mean, const float* __restrict__ rstd,
+               const float* __restrict__ alpha, float* __restrict__ out) {
+  for (int64_t r = first; r < last; ++r) {
+    const float* __restrict__ xr = x + r * columns;
+    float* __restrict__ outr = out + r * columns;
+#pragma omp simd
+    for (int64_t c = 0; c < columns; ++c) {
+      const float p = fast_sigmoid((xr[c] - mean[c]) * rstd[c]);
+      outr[c] = xr[c] * (alpha[c] + (1.f - alpha[c]) * p);
+    }
+  }
+}
+
+// Rows [first, last) of the backward's column sums: s = [dL/dalpha, sum dz, sum dz z].
+void dice_backward_sums(int64_t first, int64_t last, int64_t columns,
+                        const float* __restrict__ grad, const float* __restrict__ x,
+                        const float* __restrict__ mean, const float* __restrict__ rstd,
+                        const float* __restrict__ alpha, float* __restrict__ s) {
+  float* __restrict__ d_alpha = s;
+  float* __restrict__ sum_dz = s + columns;
+  float* __restrict__ sum_dz_z = s + 2 * columns;
+  for (int64_t r = first; r < last; ++r) {
+    const float* __restrict__ gr = grad + r * columns;
+    const float* __restrict__ xr = x + r * columns;
+#pragma omp simd
+    for (int64_t c = 0; c < columns; ++c) {
+      const float z = (xr[c] - mean[c]) * rstd[c];
+      const float p = fast_sigmoid(z);
+      const float gx = gr[c] * xr[c];
+      const float dz = gx * (1.f - alpha[c]) * p * (1.f - p);
+      d_alpha[c] += gx * (1.f - p);
+      sum_dz[c] += dz;
+      sum_dz_z[c] += dz * z;
+    }
+  }
+}
+
+// Rows [first, last) of dL/dx, from the column sums sum_dz, sum_dz_z over `count` rows.
+void dice_backward_rows(int64_t first, int64_t last, int64_t columns,
+                        const float* __restrict__ grad, const float* __restrict__ x,
+                        const float* __restrict__ w, const float* __restrict__ mean,
+                        const float* __restrict__ rstd, const float* __restrict__ alpha,
+                        const float* __restrict__ sum_dz, const float* __restrict__ sum_dz_z,
+                        float count, float* __restrict__ dx) {
+  for (int64_t r = first; r < last; ++r) {
+    const float* __restrict__ gr = grad + r * columns;
+    const float* __restrict__ xr = x + r * columns;
+    float* __restrict__ dr = dx + r * columns;
+    const float weight = w ? w[r] : 1.f;
+#pragma omp simd
+    for (int64_t c = 0; c < columns; ++c) {
+      const float z = (xr[c] - mean[c]) * rstd[c];
+      const float p = fast_sigmoid(z);
+      const float gate = alpha[c] + (1.f - alpha[c]) * p;
+      const float dz = gr[c] * xr[c] * (1.f - alpha[c]) * p * (1.f - p);
+      const float correction = weight * rstd[c] / count * (sum_dz[c] + z * sum_dz_z[c]);
+      dr[c] = gr[c] * gate + rstd[c] * dz - correction;
+    }
+  }
+}
+
 // Dice (DIN, eq. 4) in training on x [N, C] with row weights [N] (1 = real, 0 = padding; empty:
 // all real): mean and biased variance of each unit over the weighted rows (block sums in
 // order), then out = x (alpha + (1 - alpha) p), p = sigmoid((x - mean) / sqrt(var + eps)), in
@@ -794,43 +880,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_forward(
     for (int64_t r = 0; r < rows; ++r) total += w[r];
   }
   const float count = static_cast<float>(std::max(total, 1.0));
-  auto mean = block_sums(rows, columns, x.options(), [&](int64_t first, int64_t last,
-                                                         float* sums) {
-    for (int64_t r = first; r < last; ++r) {
-      const float weight = w ? w[r] : 1.f;
-      const float* __restrict__ xr = xp + r * columns;
-#pragma omp simd
-      for (int64_t c = 0; c < columns; ++c) sums[c] += weight * xr[c];
-    }
-  }).div_(count);
+  auto moments = [&](const float* center) {
+    return block_sums(rows, columns, x.options(), [&](int64_t first, int64_t last, float* sums) {
+             dice_moments(first, last, columns, xp, w, center, sums);
+           }).div_(count);
+  };
+  auto mean = moments(nullptr);
   const float* m = mean.data_ptr<float>();
-  auto var = block_sums(rows, columns, x.options(), [&](int64_t first, int64_t last,
-                                                        float* sums) {
-    for (int64_t r = first; r < last; ++r) {
-      const float weight = w ? w[r] : 1.f;
-      const float* __restrict__ xr = xp + r * columns;
-#pragma omp simd
-      for (int64_t c = 0; c < columns; ++c) {
-        const float d = xr[c] - m[c];
-        sums[c] += weight * d * d;
-      }
-    }
-  }).div_(count);
+  auto var = moments(m);
   const auto rstd = (var + eps).rsqrt_();
   auto out = at::empty_like(x);
   const float* rs = rstd.data_ptr<float>();
   const float* a = alpha.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* __restrict__ xr = xp + r * columns;
-      float* __restrict__ outr = op + r * columns;
-#pragma omp simd
-      for (int64_t c = 0; c < columns; ++c) {
-        const float p = fast_sigmoid((xr[c] - m[c]) * rs[c]);
-        outr[c] = xr[c] * (a[c] + (1.f - a[c]) * p);
-      }
-    }
+    dice_rows(begin, end, columns, xp, m, rs, a, op);
   });
   return {out, mean, var, at::scalar_tensor(count, x.options())};
 }
@@ -859,47 +923,15 @@ std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad_in, cons
   const float* rs = rstd.data_ptr<float>();
   const float* a = alpha.data_ptr<float>();
   const float n = count.item<float>();
-  // [dL/dalpha, sum dz, sum dz z]
   auto sums = block_sums(rows, 3 * columns, x.options(), [&](int64_t first, int64_t last,
                                                              float* s) {
-    float* __restrict__ d_alpha = s;
-    float* __restrict__ sum_dz = s + columns;
-    float* __restrict__ sum_dz_z = s + 2 * columns;
-    for (int64_t r = first; r < last; ++r) {
-      const float* __restrict__ gr = gp + r * columns;
-      const float* __restrict__ xr = xp + r * columns;
-#pragma omp simd
-      for (int64_t c = 0; c < columns; ++c) {
-        const float z = (xr[c] - m[c]) * rs[c];
-        const float p = fast_sigmoid(z);
-        const float gx = gr[c] * xr[c];
-        const float dz = gx * (1.f - a[c]) * p * (1.f - p);
-        d_alpha[c] += gx * (1.f - p);
-        sum_dz[c] += dz;
-        sum_dz_z[c] += dz * z;
-      }
-    }
-  });
+    dice_backward_sums(first, last, columns, gp, xp, m, rs, a, s);
+  });  // [dL/dalpha, sum dz, sum dz z]
   const float* sum_dz = sums.data_ptr<float>() + columns;
-  const float* sum_dz_z = sum_dz + columns;
   auto dx = at::empty_like(x);
   float* dp = dx.data_ptr<float>();
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* __restrict__ gr = gp + r * columns;
-      const float* __restrict__ xr = xp + r * columns;
-      float* __restrict__ dr = dp + r * columns;
-      const float weight = w ? w[r] : 1.f;
-#pragma omp simd
-      for (int64_t c = 0; c < columns; ++c) {
-        const float z = (xr[c] - m[c]) * rs[c];
-        const float p = fast_sigmoid(z);
-        const float gate = a[c] + (1.f - a[c]) * p;
-        const float dz = gr[c] * xr[c] * (1.f - a[c]) * p * (1.f - p);
-        const float correction = weight * rs[c] / n * (sum_dz[c] + z * sum_dz_z[c]);
-        dr[c] = gr[c] * gate + rs[c] * dz - correction;
-      }
-    }
+    dice_backward_rows(begin, end, columns, gp, xp, w, m, rs, a, sum_dz, sum_dz + columns, n, dp);
   });
   return {dx, sums.narrow(0, 0, columns)};
 }
