@@ -329,13 +329,17 @@ def test_fused_gather_positions_matches_indexing():
 @needs_kernels
 @pytest.mark.parametrize("name", ["dien", "din", "pooling", "bst"])
 def test_training_step_with_kernels_matches_eager(monkeypatch, name):
-    """A whole training step (every fused path a model takes: DIEN's recurrences, auxiliary
-    net and row gather) against the same step with the kernels off: the click logits, the
-    auxiliary loss and every parameter's gradient agree."""
+    """A whole training step (every fused path a model takes: the lookup, Dice, DIEN's
+    recurrences, auxiliary net and row gather) against the same step with the kernels off: the
+    click logits, the auxiliary loss and every parameter's gradient agree. BST's dropout is off
+    here (the kernels draw other masks: see the dropout test)."""
     from attention_ctr.models import build_model, random_batch
 
     sizes = {"n_items": 40, "n_categories": 5, "n_time_gap_buckets": 7, "max_history": 12}
-    options = {"aux_activation": "prelu"} if name == "dien" else {}
+    options = {
+        "dien": {"aux_activation": "prelu"},
+        "bst": {"transformer_dropout": 0.0},
+    }.get(name, {})
     batch = random_batch(33, 12, **sizes, seed=3)
 
     def step():
@@ -491,3 +495,25 @@ def test_fused_prelu_head_matches_eager(tiles):
     want = torch.autograd.grad(eager, leaves, upstream)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_fused_dropout_keeps_scales_and_regenerates_its_mask():
+    """BST's dropout through the kernels: kept elements scaled by 1 / P(keep), about 1 - p of
+    them kept, the same mask on the gradient, seeded runs repeat and calls differ."""
+    from attention_ctr.models.bst import fast_dropout
+
+    x = torch.randn(64, 51, 96, requires_grad=True)
+    torch.manual_seed(0)
+    out = fast_dropout(x, 0.1, True)
+    kept = out != 0
+    scale = 32768 / (32768 - round(0.1 * 32768))
+    assert type(out.grad_fn).__name__ == "FusedDropoutBackward"
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(out[kept], x[kept] * scale)
+    upstream = torch.randn_like(x)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    torch.testing.assert_close(grad, torch.where(kept, upstream * scale, 0.0))
+    torch.manual_seed(0)
+    assert torch.equal(fast_dropout(x, 0.1, True), out)
+    assert not torch.equal(fast_dropout(x, 0.1, True) != 0, kept)

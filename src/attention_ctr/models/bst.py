@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attention_ctr.models import cpu_kernels
 from attention_ctr.models.layers import (
     MLP,
     Batch,
@@ -59,15 +60,19 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
     torch's CPU Bernoulli sampler costs ~8 ns an element on some CPUs (it dominated BST's
     training step); here each 64-bit random draw gives four 15-bit uniforms, and an element is
-    kept when its uniform is >= round(p * 2^15) (so p is rounded to a multiple of 2^-15).
+    kept when its uniform is >= round(p * 2^15) (so p is rounded to a multiple of 2^-15). Float32
+    CPU training draws the same kind of mask in the fused kernels (`cpu_kernels.dropout`: one
+    pass each way, the mask regenerated from its seed in the backward, never stored).
     """
     if not training or p <= 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training=True)
+    threshold = round(p * 32768)
+    if cpu_kernels.usable(x):
+        return cpu_kernels.dropout(x, threshold)
     draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
     uniforms = draws.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF  # [0, 2^15)
-    threshold = round(p * 32768)
     scale = 32768 / (32768 - threshold)  # 1 / P(keep)
     return x * (uniforms >= threshold).to(x.dtype).mul_(scale)
 

@@ -256,6 +256,30 @@ class FusedDice(torch.autograd.Function):
         return d_x, d_alpha, None, None
 
 
+class FusedDropout(torch.autograd.Function):
+    """Dropout whose mask is a counter-based hash of a seed and each position (drawn from torch's
+    generator, so seeded runs repeat): one pass forward, and one backward that regenerates the
+    mask instead of keeping it. Keeps an element when its 15-bit uniform is >= `threshold`."""
+
+    @staticmethod
+    def forward(ctx, x, threshold, seed):  # type: ignore[override]
+        ctx.threshold, ctx.seed = threshold, seed
+        return torch.ops.attention_ctr_kernels.dropout_forward(x, threshold, seed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        d_x = torch.ops.attention_ctr_kernels.dropout_backward(grad, ctx.threshold, ctx.seed)
+        return d_x, None, None
+
+
+def dropout(x: Tensor, threshold: int) -> Tensor:
+    """`x` with elements dropped where their uniform in [0, 2^15) is below `threshold`, the rest
+    scaled by 2^15 / (2^15 - threshold)."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return FusedDropout.apply(x, threshold, seed)
+
+
 class FusedPReLUHead(torch.autograd.Function):
     """A head of two PReLU layers and a one-unit output, from its input `x` `[R, E]`:
     `w_out PReLU(W2 PReLU(x W1^T + b1 + addend[r % M]) + b2) + b_out` -> `[R, 1]`, run by row

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <utility>
@@ -1190,7 +1191,61 @@ std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at:
           sums.narrow(0, 2 * first + 3 * second, 1)};
 }
 
+// Dropout with a counter-based random mask: each element's uniform is a hash of the seed and its
+// position (two rounds of the "lowbias32" integer hash, 32-bit so it vectorises), so the
+// backward regenerates the mask instead of storing it and threads draw independently. out = x *
+// keep * scale, keep = 15-bit uniform >= threshold (threshold = round(p 2^15), scale = 2^15 /
+// (2^15 - threshold)), as bst.fast_dropout.
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352DU;
+  x ^= x >> 15;
+  x *= 0x846CA68BU;
+  return x ^ (x >> 16);
+}
+
+// out[i] = x[i] * scale where element i's uniform >= threshold, else 0, for i in [begin, end).
+void dropout_rows(int64_t begin, int64_t end, const float* __restrict__ x, uint64_t seed,
+                  int64_t threshold, float scale, float* __restrict__ out) {
+  const uint32_t low = static_cast<uint32_t>(seed), high = static_cast<uint32_t>(seed >> 32);
+  const uint32_t limit = static_cast<uint32_t>(threshold);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t uniform = lowbias32(lowbias32(static_cast<uint32_t>(i) ^ low) ^ high) >> 17;
+    out[i] = uniform >= limit ? x[i] * scale : 0.f;
+  }
+}
+
+at::Tensor dropout_apply(const at::Tensor& x_in, int64_t threshold, int64_t seed,
+                         const char* op) {
+  check(x_in, op);
+  TORCH_CHECK(threshold >= 0 && threshold < 32768, "attention_ctr CPU kernels: ", op,
+              " needs 0 <= threshold < 2^15, got ", threshold);
+  const auto x = x_in.contiguous();
+  auto out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  const float scale = 32768.f / static_cast<float>(32768 - threshold);
+  const uint64_t key = static_cast<uint64_t>(seed);
+  at::parallel_for(0, (x.numel() + 1023) / 1024, 1, [&](int64_t first, int64_t last) {
+    dropout_rows(first * 1024, std::min<int64_t>(x.numel(), last * 1024), xp, key, threshold,
+                 scale, op_);
+  });
+  return out;
+}
+
+at::Tensor dropout_forward(const at::Tensor& x, int64_t threshold, int64_t seed) {
+  return dropout_apply(x, threshold, seed, "dropout_forward");
+}
+
+// The same mask and scale on the incoming gradient.
+at::Tensor dropout_backward(const at::Tensor& grad, int64_t threshold, int64_t seed) {
+  return dropout_apply(grad, threshold, seed, "dropout_backward");
+}
+
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("dropout_forward(Tensor x, int threshold, int seed) -> Tensor");
+  m.def("dropout_backward(Tensor grad, int threshold, int seed) -> Tensor");
   m.def("prelu_head_forward(Tensor x, Tensor w1, Tensor addend, Tensor b1, Tensor s1, Tensor w2,"
         " Tensor b2, Tensor s2, Tensor w_out, Tensor b_out) -> (Tensor, Tensor, Tensor)");
   m.def("prelu_head_backward(Tensor grad, Tensor x, Tensor w1, Tensor h1, Tensor h2, Tensor s1,"
@@ -1222,6 +1277,8 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
+  m.impl("dropout_forward", &dropout_forward);
+  m.impl("dropout_backward", &dropout_backward);
   m.impl("prelu_head_forward", &prelu_head_forward);
   m.impl("prelu_head_backward", &prelu_head_backward);
   m.impl("pair_lookup_forward", &pair_lookup_forward);
