@@ -2,7 +2,7 @@
 
 `kernels/cpu_kernels.cpp` holds:
 - the GRU / AUGRU time loop of `layers.gated_recurrence`: per step, for each thread's share
-  of the rows, the input projection and the hidden matmul on MKL and one fused pass, forward
+  of the rows, the input projection and the hidden matmul on BLAS and one fused pass, forward
   and backward, so no `[B, L, 3H]` projection or its gradient is ever written; given the
   rows' lengths, rows sorted longest first skip the steps after their length (about 3.5x
   faster than the eager version on 2 cores: 8.0 against 31 ms forward and backward at
@@ -11,8 +11,17 @@
   one more (eager torch: about 10 passes over the activations for the same layer);
 - the same for a last hidden PReLU layer together with a one-unit output Linear (the
   activations are never written);
+- a head of two PReLU layers and a one-unit output from its input (DIEN's auxiliary net), by
+  row blocks whose products and activations stay in cache;
 - a gather of (row, position) pairs from strided `[B, L, E]` tensors (DIEN's auxiliary rows)
-  and its backward, one pass each.
+  and its backward, one pass each;
+- the item + category lookup of `BehaviorEmbedding` (no concatenation or split; each table's
+  gradient summed in one pass, in id order);
+- Dice in training (weighted batch statistics, one pass forward, two backward);
+- dropout with a counter-based mask regenerated in the backward (BST).
+
+Weight gradients and column sums are summed over fixed blocks in order, so results repeat for
+a given thread count.
 
 The build takes about 8 s once per machine and torch version, cached under torch's extensions
 directory (`TORCH_EXTENSIONS_DIR`).
