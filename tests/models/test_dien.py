@@ -175,6 +175,15 @@ def test_final_state_is_the_state_after_the_last_real_behaviour():
     assert not torch.allclose(model(b), model(extended))
 
 
+def _assert_same_gradients(fast, expected, inputs, upstream=None):
+    upstream = torch.randn_like(expected) if upstream is None else upstream
+    for got, want in zip(
+        torch.autograd.grad(fast, inputs, upstream),
+        torch.autograd.grad(expected, inputs, upstream),
+    ):
+        torch.testing.assert_close(got, want)
+
+
 def test_cpu_training_extractor_is_the_nn_gru():
     """CPU training runs the extractor GRU through `gated_recurrence`: same states, same grads."""
     model = make().train()
@@ -182,13 +191,7 @@ def test_cpu_training_extractor_is_the_nn_gru():
     fast = model._interest_states(history)
     expected, _ = model.extractor(history)
     torch.testing.assert_close(fast, expected)
-    upstream = torch.randn_like(expected)
-    inputs = [history, *model.extractor.parameters()]
-    for got, want in zip(
-        torch.autograd.grad(fast, inputs, upstream),
-        torch.autograd.grad(expected, inputs, upstream),
-    ):
-        torch.testing.assert_close(got, want)
+    _assert_same_gradients(fast, expected, [history, *model.extractor.parameters()])
 
 
 def test_cpu_training_extractor_stops_each_row_at_its_length():
@@ -204,9 +207,4 @@ def test_cpu_training_extractor_stops_each_row_at_its_length():
         last = expected[b, n - 1] if n else torch.zeros(expected.shape[-1])
         torch.testing.assert_close(fast[b, n:], last.expand(6 - n, -1))
     upstream = torch.randn_like(expected) * mask.unsqueeze(-1)  # what DIEN reads
-    inputs = [history, *model.extractor.parameters()]
-    for got, want in zip(
-        torch.autograd.grad(fast, inputs, upstream),
-        torch.autograd.grad(expected, inputs, upstream),
-    ):
-        torch.testing.assert_close(got, want)
+    _assert_same_gradients(fast, expected, [history, *model.extractor.parameters()], upstream)

@@ -471,6 +471,17 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
 
 constexpr int64_t kRowsPerBlock = 256;  // column sums: fixed row blocks, summed in order
 
+// sum = part (first) or sum += part, over `count` values.
+void add_into(int64_t count, const float* __restrict__ part, float* __restrict__ sum,
+              bool first) {
+  if (first) {
+    std::memcpy(sum, part, count * sizeof(float));
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) sum[i] += part[i];
+}
+
 inline float prelu(float x, float slope) { return x > 0.f ? x : slope * x; }
 
 // Column sums of `width` values a backward pass adds up over rows: each block of
@@ -645,12 +656,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_prelu_backward(
       prelu_backward_rows(tile * period + first, tile * period + last, columns, gp, hp, sp, dp,
                           d_bias, d_bias + columns);
     }
-    std::memcpy(da + first * columns, dp + first * columns,
-                (last - first) * columns * sizeof(float));
-    for (int64_t tile = 1; tile < tiles; ++tile) {
-      const float* __restrict__ part = dp + tile * period * columns;
-      float* __restrict__ sum = da;
-      for (int64_t i = first * columns; i < last * columns; ++i) sum[i] += part[i];
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      add_into((last - first) * columns, dp + (tile * period + first) * columns,
+               da + first * columns, tile == 0);
     }
   });  // [d bias, d slope]
   return {dz, sums.narrow(0, 0, columns), sums.narrow(0, columns, columns), d_addend};
@@ -1040,17 +1048,6 @@ void prelu_rows(int64_t n, int64_t width, const float* __restrict__ h,
 #pragma omp simd
     for (int64_t c = 0; c < width; ++c) out[i * width + c] = prelu(h[i * width + c], slope[c]);
   }
-}
-
-// sum = part (first) or sum += part, over `count` values.
-void add_into(int64_t count, const float* __restrict__ part, float* __restrict__ sum,
-              bool first) {
-  if (first) {
-    std::memcpy(sum, part, count * sizeof(float));
-    return;
-  }
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) sum[i] += part[i];
 }
 
 // DIEN's auxiliary net from its input: logits = w_out PReLU(W2 PReLU(x W1^T + b1 + addend[r % M])
