@@ -213,7 +213,7 @@ def test_kernels_reject_other_dtypes_by_name():
     (x, weight_ih, bias_ih, weight_hh, bias_hh), attention, _ = _inputs(2, 2, 2)
     with pytest.raises(RuntimeError, match="gated_forward takes float32 CPU tensors, got Double"):
         torch.ops.attention_ctr_kernels.gated_forward(
-            x.double(), weight_ih, bias_ih, weight_hh, bias_hh, attention, torch.empty(0), False
+            x.double(), weight_ih, bias_ih, weight_hh, bias_hh, attention, torch.empty(0), False, False
         )
 
 
@@ -282,7 +282,7 @@ def test_mlp_fused_prelu_layers_match_eager(monkeypatch, out_features):
     nodes = _graph_nodes(fused_outputs[1])
     assert "FusedBiasPReLUBackward" in nodes
     assert ("FusedPReLULinearBackward" in nodes) == (out_features == 1)
-    monkeypatch.setattr(cpu_kernels, "usable", lambda x: False)
+    monkeypatch.setattr(cpu_kernels, "usable", lambda *_: False)
     eager_outputs, eager_grads = run()
     assert "FusedBiasPReLUBackward" not in _graph_nodes(eager_outputs[1])
     for got, want in zip(fused_outputs + list(fused_grads), eager_outputs + list(eager_grads)):
@@ -462,14 +462,15 @@ def test_fused_pair_lookup_names_ids_outside_the_tables():
 @pytest.mark.parametrize("tiles", [0, 2], ids=["no addend", "addend tiled 2x"])
 def test_fused_prelu_head_matches_eager(tiles):
     """DIEN's auxiliary head in one kernel against eager torch: logits and every gradient,
-    with the first weight a column slice (as DIEN passes it) and rows spanning several
-    blocks, not a multiple of one."""
+    with the first weight's two parts column slices of one weight (as DIEN passes them), the
+    shared part used by `tiles` rows each, and rows spanning several blocks, not a multiple
+    of one."""
     generator = torch.Generator().manual_seed(0)
-    period, inputs, first, second = 301, 6, 9, 5
+    period, inputs, shared_width, first, second = 301, 6, 4, 9, 5
     rows = period * max(tiles, 1)
     x = torch.randn(rows, inputs, generator=generator, requires_grad=True)
-    wide = torch.randn(first, inputs + 4, generator=generator, requires_grad=True)
-    addend = torch.randn(period, first, generator=generator, requires_grad=True)
+    wide = torch.randn(first, shared_width + inputs, generator=generator, requires_grad=True)
+    shared = torch.randn(period, shared_width, generator=generator, requires_grad=True)
     params = [
         torch.randn(first, generator=generator),  # b1
         torch.rand(first, generator=generator),  # s1
@@ -481,14 +482,16 @@ def test_fused_prelu_head_matches_eager(tiles):
     ]
     params = [p.requires_grad_() for p in params]
     b1, s1, w2, b2, s2, w_out, b_out = params
-    w1 = wide[:, 4:]
+    w_shared, w1 = wide[:, :shared_width], wide[:, shared_width:]
     upstream = torch.randn(rows, 1, generator=generator)
-    leaves = [x, wide, *params] + ([addend] if tiles else [])
-
-    fused = cpu_kernels.FusedPReLUHead.apply(x, w1, addend if tiles else x.new_empty(0), *params)
+    leaves = [x, wide, *params] + ([shared] if tiles else [])
+    empty = x.new_empty(0)
+    fused = cpu_kernels.FusedPReLUHead.apply(
+        x, w1, *((shared, w_shared) if tiles else (empty, empty)), *params
+    )
     z = F.linear(x, w1, b1)
     if tiles:
-        z = (z.view(tiles, period, first) + addend).view(rows, first)
+        z = (z.view(tiles, period, first) + F.linear(shared, w_shared)).view(rows, first)
     eager = F.linear(F.prelu(F.linear(F.prelu(z, s1), w2, b2), s2), w_out, b_out)
     torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
     got = torch.autograd.grad(fused, leaves, upstream)

@@ -126,17 +126,28 @@ def _load() -> bool:
     return True
 
 
+def bf16_matmuls() -> bool:
+    """Whether CPU bf16 autocast is on: the kernels with matmuls (the recurrences, DIEN's
+    auxiliary head) then round the matmuls' operands to bfloat16 and accumulate in float32, as
+    autocast's own matmuls do (MKL's bf16 matmul: AMX or AVX512-BF16 where the CPU has them),
+    while their elementwise work, states and outputs stay float32."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 class FusedGatedRecurrence(torch.autograd.Function):
     """`layers.gated_recurrence` in float32 through the C++ kernels, which also compute each
-    step's input projection W_i x_t + b_i (and its gradients) inside the time loop."""
+    step's input projection W_i x_t + b_i (and its gradients) inside the time loop; under bf16
+    autocast its matmuls take bf16 operands (`bf16_matmuls`)."""
 
     @staticmethod
     def forward(ctx, x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh, final_only):  # type: ignore[override]
+        ctx.bf16 = bf16_matmuls()
         with torch.autocast("cpu", enabled=False):
             x_, weight_ih_, weight = x.float(), weight_ih.float(), weight_hh.float()
             a = attention.float()
             output, states, saved, order = torch.ops.attention_ctr_kernels.gated_forward(
-                x_, weight_ih_, bias_ih.float(), weight, bias_hh.float(), a, lengths, final_only
+                x_, weight_ih_, bias_ih.float(), weight, bias_hh.float(), a, lengths, final_only,
+                ctx.bf16,
             )
         ctx.save_for_backward(x_, states, saved, order, lengths, weight_ih_, weight, a)
         ctx.dtypes = tuple(
@@ -160,6 +171,7 @@ class FusedGatedRecurrence(torch.autograd.Function):
                     weight_ih,
                     weight,
                     attention,
+                    ctx.bf16,
                 )
             )
         gradients = (d_x, d_weight_ih, d_bias_ih, d_attention, None, d_weight, d_bias_hh, None)
@@ -186,14 +198,16 @@ def fused_gated_recurrence(
     )
 
 
-def usable(x: Tensor) -> bool:
+def usable(x: Tensor, matmuls: bool = False) -> bool:
     """Whether training ops on `x` should take the kernels: float32 CPU autograd, not export,
-    not inside torch.compile (which fuses the same work itself)."""
+    not inside torch.compile (which fuses the same work itself). Under CPU autocast a kernel
+    with `matmuls` only for bf16 (`bf16_matmuls`); the others compute what eager torch does
+    under any autocast (no products)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(x.device.type)  # the products would be bf16
+        and (not matmuls or not torch.is_autocast_enabled("cpu") or bf16_matmuls())
         and not torch.onnx.is_in_onnx_export()
         and not torch.compiler.is_compiling()
         and available()
@@ -291,25 +305,31 @@ def dropout(x: Tensor, threshold: int) -> Tensor:
 
 class FusedPReLUHead(torch.autograd.Function):
     """A head of two PReLU layers and a one-unit output, from its input `x` `[R, E]`:
-    `w_out PReLU(W2 PReLU(x W1^T + b1 + addend[r % M]) + b2) + b_out` -> `[R, 1]`, run by row
-    blocks whose activations stay in cache; only the PReLUs' inputs are kept for the backward."""
+    `w_out PReLU(W2 PReLU(x W1^T + b1 + (shared W_s^T)[r % M]) + b2) + b_out` -> `[R, 1]`,
+    with `shared` `[M, S]` the rows' shared part (or empty), run by blocks of shared rows whose
+    products and activations stay in cache; only the PReLUs' inputs are kept for the backward.
+    Float32 inputs; under bf16 autocast its matmuls take bf16 operands (`bf16_matmuls`)."""
 
     @staticmethod
-    def forward(ctx, x, w1, addend, b1, s1, w2, b2, s2, w_out, b_out):  # type: ignore[override]
+    def forward(ctx, x, w1, shared, w_shared, b1, s1, w2, b2, s2, w_out, b_out):  # type: ignore[override]
+        ctx.bf16 = bf16_matmuls()
         logits, h1, h2 = torch.ops.attention_ctr_kernels.prelu_head_forward(
-            x, w1, addend, b1, s1, w2, b2, s2, w_out, b_out
+            x, w1, shared, w_shared, b1, s1, w2, b2, s2, w_out, b_out, ctx.bf16
         )
-        ctx.save_for_backward(x, w1, h1, h2, s1, w2, s2, w_out)
-        ctx.period = addend.shape[0] if addend.numel() else 0
+        ctx.save_for_backward(x, w1, shared, w_shared, h1, h2, s1, w2, s2, w_out)
         return logits
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        d_x, d_w1, d_addend, *rest = torch.ops.attention_ctr_kernels.prelu_head_backward(
-            grad, *ctx.saved_tensors, ctx.period
+        d_x, d_w1, d_shared, d_w_shared, *rest = (
+            torch.ops.attention_ctr_kernels.prelu_head_backward(
+                grad, *ctx.saved_tensors, ctx.bf16
+            )
         )
-        return (d_x, d_w1, d_addend if ctx.period else None, *rest)
+        if not d_shared.numel():
+            d_shared = d_w_shared = None
+        return (d_x, d_w1, d_shared, d_w_shared, *rest)
 
 
 class FusedPairLookup(torch.autograd.Function):

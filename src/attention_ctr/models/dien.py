@@ -171,10 +171,11 @@ class DIEN(CTRModel):
         # W [h, e] + b = W_h h + W_e e + b so the h_t part is computed once for both.
         first = self.aux_net.linears[0]
         w_state, w_behaviour = first.weight.split([states.shape[-1], history.shape[-1]], dim=1)
-        state_part = F.linear(state.reshape(-1, state.shape[-1]), w_state)  # [rows, A]
-        next_behaviours = next_behaviours.to(state_part.dtype)  # [2, ..., E]
         logits = self.aux_net.after_first_input(
-            next_behaviours.reshape(-1, history.shape[-1]), w_behaviour, addend=state_part
+            next_behaviours.reshape(-1, history.shape[-1]),
+            w_behaviour,
+            shared=state.reshape(-1, state.shape[-1]),  # [rows, H], both halves' h_t
+            shared_weight=w_state,
         )
         logits = logits.view(2, *state.shape[:-1]).float()  # [2, ...]
         labels = torch.stack([torch.ones_like(logits[0]), torch.zeros_like(logits[1])])

@@ -389,18 +389,36 @@ class MLP(nn.Module):
             x = self.activations[0](x)
         return self._rest(self.dropout(x))
 
-    def after_first_input(self, x: Tensor, weight: Tensor, addend: Tensor | None = None) -> Tensor:
-        """`after_first_product(F.linear(x, weight), addend)` for `x` `[R, K]` and `weight`
-        `[hidden[0], K]` (the first Linear's weight or a column slice of it). In CPU training
-        a head of two PReLU layers and a one-unit output (DIEN's auxiliary net) is one kernel
-        over row blocks (`cpu_kernels.FusedPReLUHead`): of its activations only the PReLUs'
-        inputs are written."""
-        if len(self.linears) == 2 and self._fuses(0, x) and self._fuses_output(x):
+    def after_first_input(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        shared: Tensor | None = None,
+        shared_weight: Tensor | None = None,
+    ) -> Tensor:
+        """`after_first_product(F.linear(x, weight), F.linear(shared, shared_weight))` for `x`
+        `[R, K]` and `weight` `[hidden[0], K]` (the first Linear's weight or a column slice of
+        it), and optionally a part of the input that M rows share, `shared` `[M, S]` (M divides
+        R; row r uses shared row r % M) with its columns of the weight `shared_weight`. In CPU
+        training a head of two PReLU layers and a one-unit output (DIEN's auxiliary net) is
+        one kernel over row blocks (`cpu_kernels.FusedPReLUHead`): the shared product is
+        taken once per block of shared rows, and of its activations only the PReLUs' inputs
+        are written."""
+        # under bf16 autocast the kernel takes float32 and rounds its matmuls' operands itself
+        widen = cpu_kernels.bf16_matmuls()
+        head_x = x.float() if widen else x
+        if (
+            len(self.linears) == 2
+            and self._fuses(0, head_x, matmuls=True)
+            and self._fuses_output(head_x)
+        ):
             (first, second), (slope_1, slope_2) = self.linears, self.activations
+            no_shared = x.new_empty(0, dtype=torch.float32)
             return cpu_kernels.FusedPReLUHead.apply(
-                x,
+                head_x,
                 weight,
-                x.new_empty(0) if addend is None else addend,
+                no_shared if shared is None else shared.float() if widen else shared,
+                no_shared if shared is None else shared_weight,
                 first.bias,
                 slope_1.weight,
                 second.weight,
@@ -409,10 +427,15 @@ class MLP(nn.Module):
                 self.output.weight,
                 self.output.bias,
             )
+        addend = None if shared is None else F.linear(shared, shared_weight)
         return self.after_first_product(F.linear(x, weight), addend)
 
-    def _fuses(self, index: int, x: Tensor) -> bool:
-        return isinstance(self.activations[index], PReLU) and x.dim() == 2 and cpu_kernels.usable(x)
+    def _fuses(self, index: int, x: Tensor, matmuls: bool = False) -> bool:
+        return (
+            isinstance(self.activations[index], PReLU)
+            and x.dim() == 2
+            and cpu_kernels.usable(x, matmuls)
+        )
 
     def _fuses_output(self, x: Tensor) -> bool:
         """Last PReLU layer + a one-unit output in one kernel (no dropout in between)."""

@@ -66,18 +66,30 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc) __attribute__((weak));
 
+// MKL's matmul of bfloat16 operands (raw bits) with float32 accumulation and output (AMX or
+// AVX512-BF16 where the CPU has them); Fortran interface as sgemm_. Weak like sgemm_.
+extern "C" void gemm_bf16bf16f32(const char* transa, const char* transb, const int* m,
+                                 const int* n, const int* k, const float* alpha,
+                                 const uint16_t* a, const int* lda, const uint16_t* b,
+                                 const int* ldb, const float* beta, float* c, const int* ldc)
+    __attribute__((weak));
+
 namespace {
 
 // Row-major C [m, n] = op(A) op(B) + beta C, op(A) [m, k] (A^T of a [k, m] A with trans_a),
 // op(B) [k, n], row strides lda, ldb, ldc. The recurrences call this hundreds of times per
 // step on a thread's rows: straight to BLAS it skips ATen's tensor views and dispatch (~4 us
 // of a ~20 us call at [128, 64] x [64, 192]).
+// ATTENTION_CTR_KERNELS_ATEN_GEMM=1 takes the ATen paths even where BLAS is found (tests).
+bool blas_switched_off() {
+  static const bool off = std::getenv("ATTENTION_CTR_KERNELS_ATEN_GEMM") != nullptr;
+  return off;
+}
+
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  // ATTENTION_CTR_KERNELS_ATEN_GEMM=1 takes the ATen path even where BLAS is found (tests).
-  static const bool use_blas =
-      sgemm_ != nullptr && std::getenv("ATTENTION_CTR_KERNELS_ATEN_GEMM") == nullptr;
+  static const bool use_blas = sgemm_ != nullptr && !blas_switched_off();
   if (use_blas) {  // BLAS is column-major: C^T = op(B)^T op(A)^T
     const int rows = static_cast<int>(n), columns = static_cast<int>(m);
     const int inner = static_cast<int>(k), ld_b = static_cast<int>(ldb);
@@ -100,6 +112,83 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const flo
   } else {
     out.mul_(beta).addmm_(left, right);
   }
+}
+
+// bfloat16 bits of x[0, n), rounded to nearest even (NaN stays NaN).
+void to_bf16(int64_t n, const float* __restrict__ x, uint16_t* __restrict__ out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    out[i] = x[i] != x[i] ? static_cast<uint16_t>((bits >> 16) | 0x40u) : rounded;
+  }
+}
+
+// A float32 copy of bf16 operand rows (exact), for the ATen fallback of gemm_bf16.
+std::vector<float> widened(const uint16_t* x, int64_t rows, int64_t columns, int64_t ld) {
+  std::vector<float> out(rows == 0 ? 0 : (rows - 1) * ld + columns);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
+    std::memcpy(out.data() + i, &bits, sizeof(bits));
+  }
+  return out;
+}
+
+// As gemm, with bfloat16 operands (rounded by to_bf16) and float32 accumulation and output:
+// MKL's gemm_bf16bf16f32, else (no such symbol, or the switch above) the operands widened to
+// float32, which computes the same products.
+void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* a,
+               int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  static const bool use_mkl = gemm_bf16bf16f32 != nullptr && !blas_switched_off();
+  if (use_mkl) {
+    const int rows = static_cast<int>(n), columns = static_cast<int>(m);
+    const int inner = static_cast<int>(k), ld_b = static_cast<int>(ldb);
+    const int ld_a = static_cast<int>(lda), ld_c = static_cast<int>(ldc);
+    const float one = 1.f;
+    gemm_bf16bf16f32(trans_b ? "T" : "N", trans_a ? "T" : "N", &rows, &columns, &inner, &one, b,
+                     &ld_b, a, &ld_a, &beta, c, &ld_c);
+    return;
+  }
+  const auto left = widened(a, trans_a ? k : m, trans_a ? m : k, lda);
+  const auto right = widened(b, trans_b ? n : k, trans_b ? k : n, ldb);
+  gemm(trans_a, trans_b, m, n, k, left.data(), lda, right.data(), ldb, beta, c, ldc);
+}
+
+// gemm, or gemm_bf16 on the operands' bf16 copies a16 and b16 (same layout as a and b).
+void mixed_gemm(bool bf16, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                const float* a, const uint16_t* a16, int64_t lda, const float* b,
+                const uint16_t* b16, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (bf16) {
+    gemm_bf16(trans_a, trans_b, m, n, k, a16, lda, b16, ldb, beta, c, ldc);
+  } else {
+    gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+// MKL builds a bf16 matmul for each new shape: a count of rows that changes every step (the
+// recurrences' running rows, a head's last block) would build one almost every call. The bf16
+// paths round such counts up to a multiple of this, over zeroed rows, within their buffers.
+constexpr int64_t kBf16RowStep = 16;
+
+// n rounded up to a multiple of kBf16RowStep, at most `limit`.
+int64_t bf16_rows(int64_t n, int64_t limit) {
+  return std::min(limit, (n + kBf16RowStep - 1) / kBf16RowStep * kBf16RowStep);
+}
+
+// bf16 bits of rows [0, n) of x [., width] into out, rows [n, padded) zeroed.
+void to_bf16_rows(int64_t n, int64_t padded, int64_t width, const float* __restrict__ x,
+                  uint16_t* __restrict__ out) {
+  to_bf16(n * width, x, out);
+  std::memset(out + n * width, 0, (padded - n) * width * sizeof(uint16_t));
+}
+
+// A contiguous tensor's bf16 copy (empty unless bf16): a weight, rounded once per call.
+std::vector<uint16_t> bf16_copy(const at::Tensor& x, bool bf16) {
+  std::vector<uint16_t> out(bf16 ? x.numel() : 0);
+  if (bf16) to_bf16(x.numel(), x.data_ptr<float>(), out.data());
+  return out;
 }
 
 // The recurrences' internal row order: rows sorted by length, longest first (stable), then
@@ -268,11 +357,13 @@ void gather_step(const float* __restrict__ x, int64_t x_row, int64_t x_step, int
 // each row's last state [B, H]), and for the backward the internal states [L + 1, B, H]
 // (h_0 = 0), saved [L, B, 4, H] and order [B].
 // Each step's input projection W_i x_t is computed in the loop, for the running rows only: a
-// row stops at its length, and its later outputs repeat its last state.
+// row stops at its length, and its later outputs repeat its last state. With bf16, the matmuls
+// take their operands (x_t, h_{t-1} and the weights) rounded to bfloat16 and accumulate in
+// float32, as under bf16 autocast; the states and gates stay float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
     const at::Tensor& x_in, const at::Tensor& weight_ih_in, const at::Tensor& bias_ih,
     const at::Tensor& weight_in, const at::Tensor& bias, const at::Tensor& attention_in,
-    const at::Tensor& lengths, bool final_only) {
+    const at::Tensor& lengths, bool final_only, bool bf16) {
   for (const auto* x : {&x_in, &weight_ih_in, &bias_ih, &weight_in, &bias, &attention_in}) {
     check(*x, "gated_forward");
   }
@@ -300,6 +391,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
   auto projected = at::empty({batch, gates}, x.options());  // one step's W_i x_t
   auto hidden = at::empty({batch, gates}, x.options());     // one step's U h_{t-1}
   auto x_rows = at::empty({batch, inputs}, x.options());    // one step's inputs, in order
+  const auto wi16 = bf16_copy(weight_ih, bf16), u16 = bf16_copy(weight, bf16);
+  std::vector<uint16_t> x16(bf16 ? batch * inputs : 0), h16(bf16 ? batch * size : 0);
   const int64_t* o = order.data_ptr<int64_t>();
   const float* xp = x.data_ptr<float>();
   const int64_t x_row = x.stride(0), x_step = x.stride(1);
@@ -323,11 +416,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
       for (int64_t t = 0; t < length; ++t) {
         while (running > 0 && steps[begin + running - 1] <= t) --running;
         if (running > 0) {
-          gather_step(xp, x_row, x_step, inputs, o, begin, running, t, xr + begin * inputs);
-          gemm(false, true, running, gates, inputs, xr + begin * inputs, inputs, wi, inputs, 0.f,
-               p + begin * gates, gates);
-          gemm(false, true, running, gates, size, h + (t * batch + begin) * size, size, u, size,
-               0.f, g + begin * gates, gates);
+          float* x_t = xr + begin * inputs;
+          const float* h_t = h + (t * batch + begin) * size;
+          uint16_t* x_t16 = bf16 ? x16.data() + begin * inputs : nullptr;
+          uint16_t* h_t16 = bf16 ? h16.data() + begin * size : nullptr;
+          // bf16: the matmuls run on `rows` >= running rows (zeroed beyond; see kBf16RowStep)
+          const int64_t rows = bf16 ? bf16_rows(running, end - begin) : running;
+          gather_step(xp, x_row, x_step, inputs, o, begin, running, t, x_t);
+          if (bf16) {
+            to_bf16_rows(running, rows, inputs, x_t, x_t16);
+            to_bf16_rows(running, rows, size, h_t, h_t16);
+          }
+          mixed_gemm(bf16, false, true, rows, gates, inputs, x_t, x_t16, inputs, wi, wi16.data(),
+                     inputs, 0.f, p + begin * gates, gates);
+          mixed_gemm(bf16, false, true, rows, gates, size, h_t, h_t16, size, u, u16.data(), size,
+                     0.f, g + begin * gates, gates);
           forward_rows(begin, begin + running, t, batch, length, size, o, p, bi, g, bh, a, h, s,
                        final_only ? nullptr : out);
         }
@@ -360,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::Tensor& states,
                const at::Tensor& saved, const at::Tensor& order, const at::Tensor& lengths,
                const at::Tensor& weight_ih_in, const at::Tensor& weight_in,
-               const at::Tensor& attention_in) {
+               const at::Tensor& attention_in, bool bf16) {
   for (const auto* x : {&upstream_in, &x_in, &states, &saved, &weight_ih_in, &weight_in,
                         &attention_in}) {
     check(*x, "gated_backward");
@@ -396,6 +499,10 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   auto d_x_rows = at::empty({batch, inputs}, upstream.options());  // one step's, in order
   auto weight_ih_sums = at::zeros({parts, gates, inputs}, upstream.options());
   auto weight_sums = at::zeros({parts, gates, size}, upstream.options());
+  // bf16: the matmuls' operands rounded to bfloat16 (the gradients too, as autocast's backward)
+  const auto wi16 = bf16_copy(weight_ih, bf16), u16 = bf16_copy(weight, bf16);
+  std::vector<uint16_t> x16(bf16 ? batch * inputs : 0), h16(bf16 ? batch * size : 0);
+  std::vector<uint16_t> dp16(bf16 ? batch * gates : 0), dh16(bf16 ? batch * gates : 0);
   const float* up = upstream.data_ptr<float>();
   const int64_t up_row = upstream.stride(0), up_step = upstream.stride(1);
   const float* xp = x.data_ptr<float>();
@@ -443,22 +550,36 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
         const float* dh_rows = dh + begin * gates;
         float* dx_rows = dxr + begin * inputs;
         float* x_step_rows = xr + begin * inputs;
-        gemm(false, false, running, inputs, gates, dp_rows, gates, wi, inputs, 0.f, dx_rows,
-             inputs);  // dL/dx_t = dL/dprojected_t W_i
+        uint16_t* dp16_rows = bf16 ? dp16.data() + begin * gates : nullptr;
+        uint16_t* dh16_rows = bf16 ? dh16.data() + begin * gates : nullptr;
+        uint16_t* x16_rows = bf16 ? x16.data() + begin * inputs : nullptr;
+        uint16_t* h16_rows = bf16 ? h16.data() + begin * size : nullptr;
+        // bf16: the matmuls run on `rows` >= running rows, zeroed beyond, which add nothing
+        const int64_t rows = bf16 ? bf16_rows(running, end - begin) : running;
+        gather_step(xp, x_row, x_step, inputs, o, begin, running, t, x_step_rows);
+        if (bf16) {
+          to_bf16_rows(running, rows, gates, dp_rows, dp16_rows);
+          to_bf16_rows(running, rows, inputs, x_step_rows, x16_rows);
+        }
+        mixed_gemm(bf16, false, false, rows, inputs, gates, dp_rows, dp16_rows, gates, wi,
+                   wi16.data(), inputs, 0.f, dx_rows, inputs);  // dL/dx_t = dL/dprojected_t W_i
         for (int64_t i = 0; i < running; ++i) {
           std::memcpy(dx + (o[begin + i] * length + t) * inputs, dx_rows + i * inputs,
                       inputs * sizeof(float));
         }
-        gather_step(xp, x_row, x_step, inputs, o, begin, running, t, x_step_rows);
-        gemm(true, false, gates, inputs, running, dp_rows, gates, x_step_rows, inputs, 1.f,
-             d_weight_ih, inputs);  // += dL/dprojected_t^T x_t
+        mixed_gemm(bf16, true, false, gates, inputs, rows, dp_rows, dp16_rows, gates, x_step_rows,
+                   x16_rows, inputs, 1.f, d_weight_ih, inputs);  // += dL/dprojected_t^T x_t
         if (t > 0) {  // h_0 = 0 adds nothing to U's gradient and has no gradient itself
           const float* h_rows = h + (t * batch + begin) * size;
-          gemm(true, false, gates, size, running, dh_rows, gates, h_rows, size, 1.f, d_weight,
-               size);  // += dL/dhidden_t^T h_{t-1}
-          // dL/dh_{t-1} = carry (now grad (1 - update)) + dL/dhidden_t U
-          gemm(false, false, running, size, gates, dh_rows, gates, u, size, 1.f, c + begin * size,
-               size);
+          if (bf16) {
+            to_bf16_rows(running, rows, gates, dh_rows, dh16_rows);
+            to_bf16_rows(running, rows, size, h_rows, h16_rows);
+          }
+          mixed_gemm(bf16, true, false, gates, size, rows, dh_rows, dh16_rows, gates, h_rows,
+                     h16_rows, size, 1.f, d_weight, size);  // += dL/dhidden_t^T h_{t-1}
+          // dL/dh_{t-1} = carry (now grad (1 - update)) + dL/dhidden_t U (0 on the zeroed rows)
+          mixed_gemm(bf16, false, false, rows, size, gates, dh_rows, dh16_rows, gates, u,
+                     u16.data(), size, 1.f, c + begin * size, size);
         }
       }
     }
@@ -1050,87 +1171,124 @@ void prelu_rows(int64_t n, int64_t width, const float* __restrict__ h,
   }
 }
 
-// DIEN's auxiliary net from its input: logits = w_out PReLU(W2 PReLU(x W1^T + b1 + addend[r % M])
-// + b2) + b_out for x [R, E] (W1 [A, E] may be a column slice of a wider weight), addend [M, A]
-// tiling the rows (or empty), W2 [C, A], w_out [1, C]. Rows run in blocks of kHeadRows whose
-// products stay in cache; only the PReLUs' inputs h1 [R, A] and h2 [R, C] are written, for the
-// backward. -> (logits [R, 1], h1, h2).
+// DIEN's auxiliary net from its input: logits = w_out PReLU(W2 PReLU(z1) + b2) + b_out, with
+// z1 = x W1^T + b1 + (shared W_s^T)[r % M] for x [R, E] and the rows' shared part shared [M, S]
+// (or empty; R a multiple of M: DIEN's h_t, the same for its positive and negative rows), W1
+// [A, E] and W_s [A, S] (column slices of a wider weight are read in place), W2 [C, A], w_out
+// [1, C]. Tasks are blocks of kHeadRows shared rows with all the rows that use them (one block
+// of rows without `shared`): the shared product is taken once per task, and a task's products
+// and activations stay in cache; only the PReLUs' inputs h1 [R, A] and h2 [R, C] are written,
+// for the backward. With bf16, the matmuls take bfloat16-rounded operands (float32
+// accumulation; the output unit and everything else stay float32). -> (logits [R, 1], h1, h2).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prelu_head_forward(
-    const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& addend_in,
-    const at::Tensor& b1, const at::Tensor& s1, const at::Tensor& w2_in, const at::Tensor& b2,
-    const at::Tensor& s2, const at::Tensor& w_out, const at::Tensor& b_out) {
-  for (const auto* t : {&x_in, &w1_in, &addend_in, &b1, &s1, &w2_in, &b2, &s2, &w_out, &b_out}) {
+    const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& shared_in,
+    const at::Tensor& w_shared_in, const at::Tensor& b1, const at::Tensor& s1,
+    const at::Tensor& w2_in, const at::Tensor& b2, const at::Tensor& s2, const at::Tensor& w_out,
+    const at::Tensor& b_out, bool bf16) {
+  for (const auto* t : {&x_in, &w1_in, &shared_in, &w_shared_in, &b1, &s1, &w2_in, &b2, &s2,
+                        &w_out, &b_out}) {
     check(*t, "prelu_head_forward");
   }
   const auto x = x_in.contiguous();
-  const auto w1 = unit_last_stride(w1_in);
+  const auto w1 = bf16 ? w1_in.contiguous() : unit_last_stride(w1_in);
   const auto w2 = w2_in.contiguous();
-  const auto addend = addend_in.contiguous();
+  const auto shared = shared_in.contiguous();
+  const bool has_shared = shared.numel() > 0;
+  const auto w_shared = bf16 || !has_shared ? w_shared_in.contiguous() : unit_last_stride(w_shared_in);
   const int64_t rows = x.size(0), inputs = x.size(1), first = w1.size(0), second = w2.size(0);
-  const int64_t period = addend.numel() ? addend.size(0) : 0;
+  const int64_t period = has_shared ? shared.size(0) : rows;  // rows of one tile
+  const int64_t shared_width = has_shared ? shared.size(1) : 0;
   TORCH_CHECK(w1.size(1) == inputs && w2.size(1) == first && w_out.numel() == second &&
                   b1.numel() == first && s1.numel() == first && b2.numel() == second &&
-                  s2.numel() == second && (!period || (rows % period == 0 &&
-                                                        addend.size(1) == first)),
+                  s2.numel() == second && (period > 0 ? rows % period == 0 : rows == 0) &&
+                  (!has_shared || (w_shared.size(0) == first && w_shared.size(1) == shared_width)),
               "attention_ctr CPU kernels: prelu_head_forward's shapes disagree");
+  const int64_t tiles = period ? rows / period : 0, tasks = (period + kHeadRows - 1) / kHeadRows;
   auto logits = at::empty({rows, 1}, x.options());
   auto h1 = at::empty({rows, first}, x.options());
   auto h2 = at::empty({rows, second}, x.options());
   const float *xp = x.data_ptr<float>(), *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
   const int64_t ld_w1 = w1.stride(0);
-  const float* ap = period ? addend.data_ptr<float>() : nullptr;
+  const float* sp = has_shared ? shared.data_ptr<float>() : nullptr;
+  const float* wsp = has_shared ? w_shared.data_ptr<float>() : nullptr;
+  const int64_t ld_ws = has_shared ? w_shared.stride(0) : 0;
   const float *b1p = b1.data_ptr<float>(), *s1p = s1.data_ptr<float>();
   const float *b2p = b2.data_ptr<float>(), *s2p = s2.data_ptr<float>();
   const float* wo = w_out.data_ptr<float>();
   const float bo = b_out.item<float>();
   float *lp = logits.data_ptr<float>(), *h1p = h1.data_ptr<float>(), *h2p = h2.data_ptr<float>();
-  const int64_t blocks = (rows + kHeadRows - 1) / kHeadRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    // a block's products and first activations (the loops run in the row functions above:
+  const auto w1_16 = bf16_copy(w1, bf16), w2_16 = bf16_copy(w2, bf16);
+  const auto ws_16 = bf16_copy(w_shared, bf16 && has_shared);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    // a task's products and first activations (the loops run in the row functions above:
     // inside these lambdas gcc vectorises loops several times worse)
-    std::vector<float> buffer(kHeadRows * (2 * first + second));
+    std::vector<float> buffer(kHeadRows * (3 * first + second));
     float* z1 = buffer.data();
     float* o1 = z1 + kHeadRows * first;
     float* z2 = o1 + kHeadRows * first;
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t r0 = block * kHeadRows, n = std::min(rows, r0 + kHeadRows) - r0;
-      float* h1b = h1p + r0 * first;
-      float* h2b = h2p + r0 * second;
-      gemm(false, true, n, first, inputs, xp + r0 * inputs, inputs, w1p, ld_w1, 0.f, z1, first);
-      bias_prelu_rows(0, n, first, period, r0, z1, b1p, s1p, ap, h1b, o1);
-      gemm(false, true, n, second, first, o1, first, w2p, first, 0.f, z2, second);
-      prelu_linear_rows(0, n, second, z2, b2p, s2p, wo, bo, h2b, lp + r0);
+    float* a = z2 + kHeadRows * second;  // the shared product of the task's rows
+    std::vector<uint16_t> buffer16(bf16 ? kHeadRows * (inputs + first + shared_width) : 0);
+    uint16_t* x16 = bf16 ? buffer16.data() : nullptr;
+    uint16_t* o1_16 = bf16 ? x16 + kHeadRows * inputs : nullptr;
+    uint16_t* shared16 = bf16 ? o1_16 + kHeadRows * first : nullptr;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = task * kHeadRows, n = std::min(period, i0 + kHeadRows) - i0;
+      // bf16: a short block's matmuls on whole blocks of zeroed rows (see kBf16RowStep)
+      const int64_t m = bf16 ? kHeadRows : n;
+      if (has_shared) {
+        if (bf16) to_bf16_rows(n, m, shared_width, sp + i0 * shared_width, shared16);
+        mixed_gemm(bf16, false, true, m, first, shared_width, sp + i0 * shared_width, shared16,
+                   shared_width, wsp, ws_16.data(), ld_ws, 0.f, a, first);
+      }
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t r0 = tile * period + i0;
+        if (bf16) to_bf16_rows(n, m, inputs, xp + r0 * inputs, x16);
+        mixed_gemm(bf16, false, true, m, first, inputs, xp + r0 * inputs, x16, inputs, w1p,
+                   w1_16.data(), ld_w1, 0.f, z1, first);
+        bias_prelu_rows(0, n, first, kHeadRows, 0, z1, b1p, s1p, has_shared ? a : nullptr,
+                        h1p + r0 * first, o1);
+        if (bf16) to_bf16_rows(n, m, first, o1, o1_16);
+        mixed_gemm(bf16, false, true, m, second, first, o1, o1_16, first, w2p, w2_16.data(),
+                   first, 0.f, z2, second);
+        prelu_linear_rows(0, n, second, z2, b2p, s2p, wo, bo, h2p + r0 * second, lp + r0);
+      }
     }
   });
   return {logits, h1, h2};
 }
 
-// Backward of prelu_head_forward from dL/dlogits [R] (or [R, 1]). Tasks are blocks of kHeadRows
-// addend rows with all the rows that share them (one block of rows without an addend), so
-// dL/daddend is summed in cache and without races; every column sum and weight gradient is
-// taken per task and the tasks' parts summed in order (deterministic for any thread count).
-// -> (dL/dx [R, E], dL/dW1 [A, E], dL/daddend [M, A] (empty without), dL/db1, dL/ds1,
-// dL/dW2 [C, A], dL/db2, dL/ds2, dL/dw_out [1, C], dL/db_out [1]).
+// Backward of prelu_head_forward from dL/dlogits [R] (or [R, 1]), by the same tasks: the
+// shared part's gradient is summed over the task's tiles in cache and without races; every
+// column sum and weight gradient is taken per task and the tasks' parts summed in order
+// (deterministic for any thread count). -> (dL/dx [R, E], dL/dW1 [A, E], dL/dshared [M, S]
+// and dL/dW_s [A, S] (empty without), dL/db1, dL/ds1, dL/dW2 [C, A], dL/db2, dL/ds2,
+// dL/dw_out [1, C], dL/db_out [1]).
 std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                            const at::Tensor& w1_in, const at::Tensor& h1,
+                                            const at::Tensor& w1_in, const at::Tensor& shared_in,
+                                            const at::Tensor& w_shared_in, const at::Tensor& h1,
                                             const at::Tensor& h2, const at::Tensor& s1,
                                             const at::Tensor& w2_in, const at::Tensor& s2,
-                                            const at::Tensor& w_out, int64_t period) {
-  for (const auto* t : {&grad_in, &x_in, &w1_in, &h1, &h2, &s1, &w2_in, &s2, &w_out}) {
+                                            const at::Tensor& w_out, bool bf16) {
+  for (const auto* t : {&grad_in, &x_in, &w1_in, &shared_in, &w_shared_in, &h1, &h2, &s1,
+                        &w2_in, &s2, &w_out}) {
     check(*t, "prelu_head_backward");
   }
   const auto grad = grad_in.contiguous();
   const auto x = x_in.contiguous();
-  const auto w1 = unit_last_stride(w1_in);
+  const auto w1 = bf16 ? w1_in.contiguous() : unit_last_stride(w1_in);
   const auto w2 = w2_in.contiguous();
+  const auto shared = shared_in.contiguous();
+  const bool has_shared = shared.numel() > 0;
+  const auto w_shared = bf16 || !has_shared ? w_shared_in.contiguous() : unit_last_stride(w_shared_in);
   const int64_t rows = x.size(0), inputs = x.size(1), first = w1.size(0), second = w2.size(0);
-  const int64_t shared = period ? period : rows;  // rows of one tile
-  const int64_t tiles = rows / shared;
-  const int64_t tasks = (shared + kHeadRows - 1) / kHeadRows;
+  const int64_t period = has_shared ? shared.size(0) : rows;
+  const int64_t shared_width = has_shared ? shared.size(1) : 0;
+  const int64_t tiles = period ? rows / period : 0, tasks = (period + kHeadRows - 1) / kHeadRows;
   const auto options = x.options();
   auto d_x = at::empty({rows, inputs}, options);
-  auto d_addend = at::empty({period ? period : 0, first}, options);
+  auto d_shared = at::empty({has_shared ? period : 0, shared_width}, options);
   auto d_w1_parts = at::empty({tasks, first, inputs}, options);
+  auto d_ws_parts = at::empty({has_shared ? tasks : 0, first, shared_width}, options);
   auto d_w2_parts = at::empty({tasks, second, first}, options);
   // per task: [d b1, d s1, d b2, d s2, d w_out, d b_out]
   const int64_t width = 2 * first + 3 * second + 1;
@@ -1138,47 +1296,94 @@ std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at:
   const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>();
   const float *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
   const int64_t ld_w1 = w1.stride(0);
+  const float* sp = has_shared ? shared.data_ptr<float>() : nullptr;
+  const float* wsp = has_shared ? w_shared.data_ptr<float>() : nullptr;
+  const int64_t ld_ws = has_shared ? w_shared.stride(0) : 0;
   const float *h1p = h1.data_ptr<float>(), *h2p = h2.data_ptr<float>();
   const float *s1p = s1.data_ptr<float>(), *s2p = s2.data_ptr<float>();
   const float* wo = w_out.data_ptr<float>();
-  float *dxp = d_x.data_ptr<float>(), *dap = period ? d_addend.data_ptr<float>() : nullptr;
+  float* dxp = d_x.data_ptr<float>();
+  float* dsp = has_shared ? d_shared.data_ptr<float>() : nullptr;
   float *dw1 = d_w1_parts.data_ptr<float>(), *dw2 = d_w2_parts.data_ptr<float>();
+  float* dws = has_shared ? d_ws_parts.data_ptr<float>() : nullptr;
   float* sums_all = sum_parts.data_ptr<float>();
+  const auto w1_16 = bf16_copy(w1, bf16), w2_16 = bf16_copy(w2, bf16);
+  const auto ws_16 = bf16_copy(w_shared, bf16 && has_shared);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(kHeadRows * (3 * first + second));
+    std::vector<float> buffer(kHeadRows * (4 * first + second + inputs + shared_width));
     float* o1 = buffer.data();           // PReLU(h1), recomputed
     float* g1 = o1 + kHeadRows * first;  // dL/dPReLU(h1)
     float* d1 = g1 + kHeadRows * first;  // dL/dh1
     float* d2 = d1 + kHeadRows * first;  // dL/dh2
+    float* d_a = d2 + kHeadRows * second;        // dL/d(shared product), summed over tiles
+    float* d_x_block = d_a + kHeadRows * first;  // a short block's dL/dx (bf16)
+    float* d_shared_block = d_x_block + kHeadRows * inputs;  // the same for dL/dshared
+    std::vector<uint16_t> buffer16(
+        bf16 ? kHeadRows * (3 * first + second + inputs + shared_width) : 0);
+    uint16_t* o1_16 = bf16 ? buffer16.data() : nullptr;  // the same, rounded to bf16
+    uint16_t* d1_16 = bf16 ? o1_16 + kHeadRows * first : nullptr;
+    uint16_t* d2_16 = bf16 ? d1_16 + kHeadRows * first : nullptr;
+    uint16_t* x16 = bf16 ? d2_16 + kHeadRows * second : nullptr;
+    uint16_t* d_a16 = bf16 ? x16 + kHeadRows * inputs : nullptr;
+    uint16_t* shared16 = bf16 ? d_a16 + kHeadRows * first : nullptr;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i0 = task * kHeadRows, n = std::min(shared, i0 + kHeadRows) - i0;
+      const int64_t i0 = task * kHeadRows, n = std::min(period, i0 + kHeadRows) - i0;
+      // bf16: whole blocks, zeroed beyond n rows (adding nothing to the weights' gradients)
+      const int64_t m = bf16 ? kHeadRows : n;
       float* sums = sums_all + task * width;
       float *db1 = sums, *ds1 = sums + first;
       float* output_sums = sums + 2 * first;  // [d b2, d s2, d w_out, d b_out]
       for (int64_t tile = 0; tile < tiles; ++tile) {
-        const int64_t r0 = tile * shared + i0;
+        const int64_t r0 = tile * period + i0;
         const float beta = tile == 0 ? 0.f : 1.f;
         prelu_linear_backward_rows(0, n, second, gp + r0, h2p + r0 * second, s2p, wo, d2,
                                    output_sums);
         prelu_rows(n, first, h1p + r0 * first, s1p, o1);
+        if (bf16) {
+          to_bf16_rows(n, m, second, d2, d2_16);
+          to_bf16_rows(n, m, first, o1, o1_16);
+        }
         // dL/dW2 += dL/dh2^T PReLU(h1); dL/dPReLU(h1) = dL/dh2 W2
-        gemm(true, false, second, first, n, d2, second, o1, first, beta,
-             dw2 + task * second * first, first);
-        gemm(false, false, n, first, second, d2, second, w2p, first, 0.f, g1, first);
+        mixed_gemm(bf16, true, false, second, first, m, d2, d2_16, second, o1, o1_16, first,
+                   beta, dw2 + task * second * first, first);
+        mixed_gemm(bf16, false, false, m, first, second, d2, d2_16, second, w2p, w2_16.data(),
+                   first, 0.f, g1, first);
         prelu_backward_rows(0, n, first, g1, h1p + r0 * first, s1p, d1, db1, ds1);
-        if (dap) add_into(n * first, d1, dap + i0 * first, tile == 0);
+        if (has_shared) add_into(n * first, d1, d_a, tile == 0);
+        if (bf16) {
+          to_bf16_rows(n, m, first, d1, d1_16);
+          to_bf16_rows(n, m, inputs, xp + r0 * inputs, x16);
+        }
         // dL/dx = dL/dh1 W1; dL/dW1 += dL/dh1^T x
-        gemm(false, false, n, inputs, first, d1, first, w1p, ld_w1, 0.f, dxp + r0 * inputs,
-             inputs);
-        gemm(true, false, first, inputs, n, d1, first, xp + r0 * inputs, inputs, beta,
-             dw1 + task * first * inputs, inputs);
+        float* d_x_rows = m > n ? d_x_block : dxp + r0 * inputs;
+        mixed_gemm(bf16, false, false, m, inputs, first, d1, d1_16, first, w1p, w1_16.data(),
+                   ld_w1, 0.f, d_x_rows, inputs);
+        if (m > n) std::memcpy(dxp + r0 * inputs, d_x_rows, n * inputs * sizeof(float));
+        mixed_gemm(bf16, true, false, first, inputs, m, d1, d1_16, first, xp + r0 * inputs, x16,
+                   inputs, beta, dw1 + task * first * inputs, inputs);
       }
+      if (!has_shared) continue;
+      // dL/dshared = dL/da W_s; dL/dW_s += dL/da^T shared, over the task's shared rows
+      const float* shared_rows = sp + i0 * shared_width;
+      if (bf16) {
+        to_bf16_rows(n, m, first, d_a, d_a16);
+        to_bf16_rows(n, m, shared_width, shared_rows, shared16);
+      }
+      float* d_shared_rows = m > n ? d_shared_block : dsp + i0 * shared_width;
+      mixed_gemm(bf16, false, false, m, shared_width, first, d_a, d_a16, first, wsp, ws_16.data(),
+                 ld_ws, 0.f, d_shared_rows, shared_width);
+      if (m > n) {
+        std::memcpy(dsp + i0 * shared_width, d_shared_rows, n * shared_width * sizeof(float));
+      }
+      mixed_gemm(bf16, true, false, first, shared_width, m, d_a, d_a16, first, shared_rows,
+                 shared16, shared_width, 0.f, dws + task * first * shared_width, shared_width);
     }
   });
   auto sums = sum_parts.sum(0);
   return {d_x,
           d_w1_parts.sum(0),
-          d_addend,
+          d_shared,
+          has_shared ? d_ws_parts.sum(0) : d_ws_parts,
           sums.narrow(0, 0, first),
           sums.narrow(0, first, first),
           d_w2_parts.sum(0),
@@ -1243,10 +1448,12 @@ at::Tensor dropout_backward(const at::Tensor& grad, int64_t threshold, int64_t s
 TORCH_LIBRARY(attention_ctr_kernels, m) {
   m.def("dropout_forward(Tensor x, int threshold, int seed) -> Tensor");
   m.def("dropout_backward(Tensor grad, int threshold, int seed) -> Tensor");
-  m.def("prelu_head_forward(Tensor x, Tensor w1, Tensor addend, Tensor b1, Tensor s1, Tensor w2,"
-        " Tensor b2, Tensor s2, Tensor w_out, Tensor b_out) -> (Tensor, Tensor, Tensor)");
-  m.def("prelu_head_backward(Tensor grad, Tensor x, Tensor w1, Tensor h1, Tensor h2, Tensor s1,"
-        " Tensor w2, Tensor s2, Tensor w_out, int period) -> Tensor[]");
+  m.def("prelu_head_forward(Tensor x, Tensor w1, Tensor shared, Tensor w_shared, Tensor b1,"
+        " Tensor s1, Tensor w2, Tensor b2, Tensor s2, Tensor w_out, Tensor b_out, bool bf16)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("prelu_head_backward(Tensor grad, Tensor x, Tensor w1, Tensor shared, Tensor w_shared,"
+        " Tensor h1, Tensor h2, Tensor s1, Tensor w2, Tensor s2, Tensor w_out, bool bf16)"
+        " -> Tensor[]");
   m.def("pair_lookup_forward(Tensor item_table, Tensor category_table, Tensor[] item_ids,"
         " Tensor[] category_ids) -> Tensor[]");
   m.def("pair_lookup_backward(Tensor[] grads, Tensor[] item_ids, Tensor[] category_ids,"
@@ -1267,9 +1474,10 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
   m.def("bias_prelu_backward(Tensor grad, Tensor h, Tensor slope, int period)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_forward(Tensor x, Tensor weight_ih, Tensor bias_ih, Tensor weight, Tensor bias,"
-        " Tensor attention, Tensor lengths, bool final_only) -> (Tensor, Tensor, Tensor, Tensor)");
+        " Tensor attention, Tensor lengths, bool final_only, bool bf16)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_backward(Tensor upstream, Tensor x, Tensor states, Tensor saved, Tensor order,"
-        " Tensor lengths, Tensor weight_ih, Tensor weight, Tensor attention)"
+        " Tensor lengths, Tensor weight_ih, Tensor weight, Tensor attention, bool bf16)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
