@@ -213,7 +213,15 @@ def test_kernels_reject_other_dtypes_by_name():
     (x, weight_ih, bias_ih, weight_hh, bias_hh), attention, _ = _inputs(2, 2, 2)
     with pytest.raises(RuntimeError, match="gated_forward takes float32 CPU tensors, got Double"):
         torch.ops.attention_ctr_kernels.gated_forward(
-            x.double(), weight_ih, bias_ih, weight_hh, bias_hh, attention, torch.empty(0), False, False
+            x.double(),
+            weight_ih,
+            bias_ih,
+            weight_hh,
+            bias_hh,
+            attention,
+            torch.empty(0),
+            False,
+            False,
         )
 
 

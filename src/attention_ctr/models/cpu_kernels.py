@@ -146,7 +146,14 @@ class FusedGatedRecurrence(torch.autograd.Function):
             x_, weight_ih_, weight = x.float(), weight_ih.float(), weight_hh.float()
             a = attention.float()
             output, states, saved, order = torch.ops.attention_ctr_kernels.gated_forward(
-                x_, weight_ih_, bias_ih.float(), weight, bias_hh.float(), a, lengths, final_only,
+                x_,
+                weight_ih_,
+                bias_ih.float(),
+                weight,
+                bias_hh.float(),
+                a,
+                lengths,
+                final_only,
                 ctx.bf16,
             )
         ctx.save_for_backward(x_, states, saved, order, lengths, weight_ih_, weight, a)
@@ -323,9 +330,7 @@ class FusedPReLUHead(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         d_x, d_w1, d_shared, d_w_shared, *rest = (
-            torch.ops.attention_ctr_kernels.prelu_head_backward(
-                grad, *ctx.saved_tensors, ctx.bf16
-            )
+            torch.ops.attention_ctr_kernels.prelu_head_backward(grad, *ctx.saved_tensors, ctx.bf16)
         )
         if not d_shared.numel():
             d_shared = d_w_shared = None
