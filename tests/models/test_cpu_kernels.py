@@ -528,3 +528,159 @@ def test_fused_dropout_keeps_scales_and_regenerates_its_mask():
     torch.manual_seed(0)
     assert torch.equal(fast_dropout(x, 0.1, True), out)
     assert not torch.equal(fast_dropout(x, 0.1, True) != 0, kept)
+
+
+# -- bf16 autocast: the kernels round their matmuls' operands, nothing else ------------------
+
+
+def _bf16(t):
+    return t.bfloat16().float()
+
+
+def _rounded_recurrence(x, weight_ih, bias_ih, weight_hh, bias_hh, attention, lengths):
+    """`gated_recurrence` with every matmul operand (x_t, h_{t-1}, the weights) rounded to
+    bf16 and everything else float32: what the kernels compute under bf16 autocast."""
+    size = weight_hh.shape[1]
+    h = x.new_zeros(x.shape[0], size)
+    states = []
+    for t in range(x.shape[1]):
+        gx = _bf16(x[:, t]) @ _bf16(weight_ih).T + bias_ih
+        gh = _bf16(h) @ _bf16(weight_hh).T + bias_hh
+        reset = torch.sigmoid(gx[:, :size] + gh[:, :size])
+        gate = torch.sigmoid(gx[:, size : 2 * size] + gh[:, size : 2 * size])
+        candidate = torch.tanh(gx[:, 2 * size :] + reset * gh[:, 2 * size :])
+        if attention is None:
+            new = candidate + gate * (h - candidate)
+        else:
+            new = h + attention[:, t : t + 1] * gate * (candidate - h)
+        h = torch.where((t < lengths).unsqueeze(-1), new, h)
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
+def _assert_close_to_scale(got, want, tolerance):
+    """Largest difference within `tolerance` of the largest value (bf16-rounded gradients)."""
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
+
+
+def check_bf16_recurrence(augru):
+    """Under bf16 autocast: float32 states equal to the rounded reference (to float32
+    rounding), visibly off the float32 kernels' (so the rounding happened), and gradients
+    within bf16 precision of the reference's (the kernels round the gradients' matmul operands
+    too, as autocast's backward does)."""
+    inputs, attention, upstream = _inputs(37, 9, 20)
+    attention = attention if augru else None
+    lengths = _lengths(37, 9)
+
+    def recurrence(*args):
+        return gated_recurrence(*args, lengths=lengths)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _states_and_grads(recurrence, inputs, attention, upstream)
+    float32 = _states_and_grads(recurrence, inputs, attention, upstream)
+    want = _states_and_grads(
+        lambda *args: _rounded_recurrence(*args, lengths), inputs, attention, upstream
+    )
+    assert type(got[0].grad_fn).__name__ == "FusedGatedRecurrenceBackward"
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert (got[0] - float32[0]).abs().max() > 1e-3
+    for g, w in zip(got[1], want[1]):
+        _assert_close_to_scale(g, w, 2e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
+def test_recurrence_under_bf16_autocast_rounds_only_the_matmul_operands(augru):
+    check_bf16_recurrence(augru)
+
+
+@needs_kernels
+def test_bf16_matmuls_without_mkl_widen_the_rounded_operands():
+    """Where torch exposes no MKL bf16 matmul (forced here by the switch, in a fresh process),
+    the rounded operands are widened to float32: the same results."""
+    script = """
+import tests.models.test_cpu_kernels as t
+for augru in (False, True):
+    t.check_bf16_recurrence(augru)
+t.check_bf16_head()
+print("same")
+"""
+    environment = dict(os.environ, ATTENTION_CTR_KERNELS_ATEN_GEMM="1")
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment,
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip() == "same"
+
+
+def check_bf16_head():
+    """DIEN's auxiliary head under bf16 autocast against the rounded reference (its two layers'
+    matmul operands and the shared part's rounded to bf16, the output unit float32), over two
+    tiles of a shared part and blocks that are not full."""
+    generator = torch.Generator().manual_seed(0)
+    period, inputs, shared_width, first, second = 301, 24, 16, 40, 20
+    x = torch.randn(2 * period, inputs, generator=generator, requires_grad=True)
+    wide = torch.randn(first, shared_width + inputs, generator=generator) * 0.2
+    shared = torch.randn(period, shared_width, generator=generator, requires_grad=True)
+    params = [
+        torch.randn(first, generator=generator),  # b1
+        torch.rand(first, generator=generator),  # s1
+        torch.randn(second, first, generator=generator) * 0.2,  # w2
+        torch.randn(second, generator=generator),  # b2
+        torch.rand(second, generator=generator),  # s2
+        torch.randn(1, second, generator=generator),  # w_out
+        torch.randn(1, generator=generator),  # b_out
+    ]
+    leaves = [x, shared, wide.requires_grad_(), *(p.requires_grad_() for p in params)]
+    b1, s1, w2, b2, s2, w_out, b_out = params
+    w_shared, w1 = wide[:, :shared_width], wide[:, shared_width:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cpu_kernels.FusedPReLUHead.apply(x, w1, shared, w_shared, *params)
+    z = (_bf16(x) @ _bf16(w1).T + b1).view(2, period, first)
+    z = (z + _bf16(shared) @ _bf16(w_shared).T).view(-1, first)
+    hidden = F.prelu(_bf16(F.prelu(z, s1)) @ _bf16(w2).T + b2, s2)
+    want = F.linear(hidden, w_out, b_out)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    float32 = cpu_kernels.FusedPReLUHead.apply(x, w1, shared, w_shared, *params)
+    assert (got - float32).abs().max() > 1e-3
+    upstream = torch.randn(got.shape, generator=generator)
+    for g, w in zip(
+        torch.autograd.grad(got, leaves, upstream), torch.autograd.grad(want, leaves, upstream)
+    ):
+        _assert_close_to_scale(g, w, 2e-2)
+
+
+@needs_kernels
+def test_prelu_head_under_bf16_autocast_rounds_only_the_matmul_operands():
+    check_bf16_head()
+
+
+@needs_kernels
+def test_dien_trains_through_the_kernels_under_bf16_autocast():
+    """A DIEN step under CPU bf16 autocast takes the lookup, recurrence, gather and head
+    kernels, and its losses are the float32 step's to bf16 precision."""
+    from attention_ctr.models import build_model, random_batch
+
+    sizes = {"n_items": 40, "n_categories": 5, "n_time_gap_buckets": 7, "max_history": 12}
+    batch = random_batch(33, 12, **sizes, seed=3)
+    torch.manual_seed(0)
+    model = build_model("dien", **sizes).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, auxiliary = model.forward_with_auxiliary(batch)
+    nodes = _graph_nodes(auxiliary) | _graph_nodes(logits)
+    assert {
+        "FusedPairLookupBackward",
+        "FusedGatedRecurrenceBackward",
+        "FusedGatherPositionsBackward",
+        "FusedPReLUHeadBackward",
+    } <= nodes
+    logits_32, auxiliary_32 = model.forward_with_auxiliary(batch)
+    torch.testing.assert_close(auxiliary, auxiliary_32, atol=0, rtol=2e-2)
+    _assert_close_to_scale(logits, logits_32, 5e-2)
