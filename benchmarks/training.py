@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument(
         "--fast-models",
         nargs="*",
-        default=["pooling", "din", "bst"],
+        default=["pooling", "din", "dien", "bst"],
         help="also train these with bf16 autocast (training.bf16_on_cpu / bf16_on_gpu)",
     )
     parser.add_argument(
