@@ -12,7 +12,8 @@
 - the same for a last hidden PReLU layer together with a one-unit output Linear (the
   activations are never written);
 - a head of two PReLU layers and a one-unit output from its input (DIEN's auxiliary net), by
-  row blocks whose products and activations stay in cache;
+  row blocks whose products and activations stay in cache, with the part of the input that
+  rows share (DIEN's h_t, for its positive and negative rows) projected once per block;
 - a gather of (row, position) pairs from strided `[B, L, E]` tensors (DIEN's auxiliary rows)
   and its backward, one pass each;
 - the item + category lookup of `BehaviorEmbedding` (no concatenation or split; each table's
@@ -21,7 +22,9 @@
 - dropout with a counter-based mask regenerated in the backward (BST).
 
 Weight gradients and column sums are summed over fixed blocks in order, so results repeat for
-a given thread count.
+a given thread count. Under CPU bf16 autocast the recurrences and the head round their
+matmuls' operands to bf16 and accumulate in float32 (`bf16_matmuls`); the kernels without
+matmuls compute what eager torch does under autocast.
 
 The build takes about 8 s once per machine and torch version, cached under torch's extensions
 directory (`TORCH_EXTENSIONS_DIR`).

@@ -8,9 +8,10 @@
 // rows' lengths, a row stops at its own (its later outputs repeat its last state): rows are
 // sorted longest first, so at every step the running ones are a prefix of each thread's.
 // Eager torch spends ~10 ops and two thread-pool round trips per step on the same work, and
-// its backward ~15 extra passes over [L, B, H] tensors. float32 only. The matmuls' rounding
-// may depend on how many rows a thread takes, so results are reproducible for a given thread
-// count.
+// its backward ~15 extra passes over [L, B, H] tensors. float32 data; with `bf16` (bf16
+// autocast) the recurrences' and the head's matmuls take bfloat16-rounded operands and
+// accumulate in float32. The matmuls' rounding may depend on how many rows a thread takes, so
+// results are reproducible for a given thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
