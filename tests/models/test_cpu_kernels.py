@@ -401,6 +401,22 @@ def test_dice_layer_trains_through_the_kernels():
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "FusedDiceBackward"
 
 
+def _assert_prints_same_without_blas(script):
+    """Runs `script` in a fresh process with the kernels' BLAS and MKL matmuls switched off
+    (the choice is made once per process): it must print "same"."""
+    environment = dict(os.environ, ATTENTION_CTR_KERNELS_ATEN_GEMM="1")
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment,
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip() == "same"
+
+
 @needs_kernels
 def test_recurrence_kernels_without_blas_go_through_aten():
     """Where torch exposes no BLAS sgemm, the kernels' matmuls run through ATen: the same
@@ -423,17 +439,7 @@ for a in (None, attention):
         torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
 print("same")
 """
-    environment = dict(os.environ, ATTENTION_CTR_KERNELS_ATEN_GEMM="1")
-    finished = subprocess.run(
-        [sys.executable, "-c", script],
-        env=environment,
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    assert finished.stdout.strip() == "same"
+    _assert_prints_same_without_blas(script)
 
 
 @needs_kernels
@@ -606,17 +612,7 @@ for augru in (False, True):
 t.check_bf16_head()
 print("same")
 """
-    environment = dict(os.environ, ATTENTION_CTR_KERNELS_ATEN_GEMM="1")
-    finished = subprocess.run(
-        [sys.executable, "-c", script],
-        env=environment,
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    assert finished.stdout.strip() == "same"
+    _assert_prints_same_without_blas(script)
 
 
 def check_bf16_head():
