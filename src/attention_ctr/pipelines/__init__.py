@@ -15,11 +15,14 @@ def one_branch_per_model(
     shared_inputs: Iterable[str],
     parameters: Iterable[str],
     flat_outputs: Iterable[str] = (),
+    block_parameter: str | None = None,
 ) -> Pipeline:
     """`template` once per model in `MODELS`, namespaced by the model's name.
 
     `shared_inputs` and `parameters` stay un-namespaced (one dataset for every branch);
     each of `flat_outputs` leaves branch `din` as `din_<output>` for cross-model nodes.
+    `block_parameter` (e.g. `params:model_block`) is, in branch `din`, the model's whole
+    parameter block `params:din` (its `model` and its own `training` overrides).
     """
     flat_outputs = tuple(flat_outputs)
     return sum(
@@ -28,7 +31,8 @@ def one_branch_per_model(
             namespace=name,
             inputs=set(shared_inputs),
             outputs={output: f"{name}_{output}" for output in flat_outputs} or None,
-            parameters=set(parameters),
+            parameters={name_: name_ for name_ in parameters}
+            | ({block_parameter: f"params:{name}"} if block_parameter else {}),
         )
         for name in MODELS
     )

@@ -91,6 +91,12 @@ def test_one_model_trains_alone_and_runs_are_deterministic(trained, tmp_path):
         rtol=0,
         atol=1e-6,
     )
+    # a model's own `training:` block (conf/base/parameters_training.yml) overrides the shared
+    # settings in its branch: one epoch here against the shared two
+    override = run_pipeline(
+        project, "training", {**FAST_TRAINING, "din.training.epochs": 1}, namespaces=["din"]
+    )
+    assert override.load("din.training_history")["epoch"].tolist() == [1]
 
 
 @pytest.mark.skipif(not has_cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler")

@@ -22,14 +22,15 @@ from attention_ctr.training import (
 logger = logging.getLogger(__name__)
 
 
-def training_config(training: dict, model_params: dict) -> TrainingConfig:
-    """Shared training parameters, overridden by the model's own `training` block."""
-    return TrainingConfig.from_params({**training, **model_params.get("training", {})})
+def training_config(training: dict, model_block: dict) -> TrainingConfig:
+    """Shared training parameters, overridden by the model's own `training` block (the model's
+    parameter block is `{"model": ..., "training": ...}`, e.g. `params:bst`)."""
+    return TrainingConfig.from_params({**training, **(model_block.get("training") or {})})
 
 
-def initialise_model(feature_spec: dict, model_params: dict, training: dict) -> nn.Module:
+def initialise_model(feature_spec: dict, model_block: dict, training: dict) -> nn.Module:
     """A freshly initialised, seeded model sized by the feature spec."""
-    config = training_config(training, model_params)
+    config = training_config(training, model_block)
     seed_everything(config.seed)
     sizes = {
         "n_items": feature_spec["n_items"],
@@ -38,6 +39,7 @@ def initialise_model(feature_spec: dict, model_params: dict, training: dict) -> 
         "n_time_gap_buckets": feature_spec["n_time_gap_buckets"],
         "max_history": feature_spec["max_history"],
     }
+    model_params = model_block["model"]
     model = build_model(model_params["name"], **sizes, **model_params.get("options", {}))
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("Built %s with %s parameters", model.name, f"{parameters:,}")
@@ -51,11 +53,11 @@ def fit_model(
     events: pd.DataFrame,
     feature_spec: dict,
     item_frequency: pd.DataFrame,
-    model_params: dict,
+    model_block: dict,
     training: dict,
 ) -> tuple[nn.Module, pd.DataFrame]:
     """Train on the training split with early stopping on validation AUC."""
-    config = training_config(training, model_params)
+    config = training_config(training, model_block)
     seed_everything(config.seed)
     device = pick_device(config.device)
     logger.info("Training %s on %s", model.name, device)

@@ -20,7 +20,7 @@ def create_model_pipeline() -> Pipeline:
         [
             Node(
                 initialise_model,
-                ["feature_spec", "params:model", "params:training"],
+                ["feature_spec", "params:model_block", "params:training"],
                 "initial_model",
                 name="initialise_model",
             ),
@@ -33,7 +33,7 @@ def create_model_pipeline() -> Pipeline:
                     "events",
                     "feature_spec",
                     "item_frequency",
-                    "params:model",
+                    "params:model_block",
                     "params:training",
                 ],
                 ["trained_model", "training_history"],
@@ -51,5 +51,8 @@ def create_model_pipeline() -> Pipeline:
 
 def create_pipeline(**kwargs) -> Pipeline:
     return one_branch_per_model(
-        create_model_pipeline(), shared_inputs=SHARED_INPUTS, parameters={"params:training"}
+        create_model_pipeline(),
+        shared_inputs=SHARED_INPUTS,
+        parameters={"params:training"},
+        block_parameter="params:model_block",
     )
