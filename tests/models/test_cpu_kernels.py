@@ -473,6 +473,31 @@ def test_fused_pair_lookup_names_ids_outside_the_tables():
 
 
 @needs_kernels
+def test_fused_concat_lookup_matches_the_embeddings():
+    """BST's token lookup: the tables' rows side by side, and each table's gradient summed
+    over its ids with none for the padding row 0; ids outside a table are named."""
+    generator = torch.Generator().manual_seed(0)
+    tables = [
+        torch.randn(rows, width, generator=generator) for rows, width in [(9, 3), (4, 5), (6, 2)]
+    ]
+    tables = [t.requires_grad_() for t in tables]
+    ids = [torch.randint(0, len(t), (7, 11), generator=generator) for t in tables]
+    ids[0][0, :4] = 0  # padding
+    got = cpu_kernels.concat_lookup(tables, ids)
+    want = torch.cat([F.embedding(i, t, padding_idx=0) for t, i in zip(tables, ids)], dim=-1)
+    assert type(got.grad_fn).__name__ == "FusedConcatLookupBackward"
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    upstream = torch.randn(got.shape, generator=generator)
+    for a, b in zip(
+        torch.autograd.grad(got, tables, upstream), torch.autograd.grad(want, tables, upstream)
+    ):
+        torch.testing.assert_close(a, b)
+        assert not a[0].any()
+    with pytest.raises(RuntimeError, match="got id 4 outside table 1"):
+        cpu_kernels.concat_lookup(tables[:2], [torch.tensor([1]), torch.tensor([4])])
+
+
+@needs_kernels
 @pytest.mark.parametrize("tiles", [0, 2], ids=["no addend", "addend tiled 2x"])
 def test_fused_prelu_head_matches_eager(tiles):
     """DIEN's auxiliary head in one kernel against eager torch: logits and every gradient,

@@ -232,9 +232,30 @@ class BST(CTRModel):
         batch_size, length = mask.shape
         if length > self.max_history:
             raise ValueError(f"history length {length} exceeds max_history {self.max_history}")
-        target, history, _ = self.embedding.lookup(batch)  # [B, E], [B, L, E]
         target_position = torch.full_like(batch["target_item"], self.target_position)
         positions = torch.cat([self._positions(batch, mask), target_position.unsqueeze(1)], 1)
+        tables = [
+            self.embedding.item_embedding.weight,
+            self.embedding.category_embedding.weight,
+            self.position_embedding.weight,
+        ]
+        if self.embedding.behavior_embedding is None and all(map(cpu_kernels.usable, tables)):
+            # CPU training: the tokens [history..., target] in one lookup of the three tables
+            # (no concatenations; each table's gradient in one pass)
+            keep = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
+            ids = [
+                torch.cat([batch[f"hist_{key}"], batch[f"target_{key}"].unsqueeze(1)], 1)
+                for key in ("item", "category")
+            ]
+            ids = [i.masked_fill(~keep, 0) for i in ids] + [positions]  # padding reads id 0
+            if self.output == "concat" and pad:  # history padded to max_history, then target
+                ids = [
+                    torch.cat([pad_positions(i[:, :-1], self.max_history), i[:, -1:]], 1)
+                    for i in ids
+                ]
+                keep = torch.cat([pad_positions(mask, self.max_history), keep[:, -1:]], 1)
+            return cpu_kernels.concat_lookup(tables, ids), keep
+        target, history, _ = self.embedding.lookup(batch)  # [B, E], [B, L, E]
         position_vectors = self.position_embedding(positions)  # [B, L + 1, P], one lookup
         history = torch.cat([history, position_vectors[:, :-1]], dim=-1)  # [B, L, d]
         target = torch.cat([target, position_vectors[:, -1]], dim=-1)  # [B, d]

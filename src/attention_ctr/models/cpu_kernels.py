@@ -17,7 +17,8 @@
 - a gather of (row, position) pairs from strided `[B, L, E]` tensors (DIEN's auxiliary rows)
   and its backward, one pass each;
 - the item + category lookup of `BehaviorEmbedding` (no concatenation or split; each table's
-  gradient summed in one pass, in id order);
+  gradient summed in one pass, in id order), and BST's tokens (item, category and position
+  vectors in one lookup);
 - Dice in training (weighted batch statistics, one pass forward, two backward);
 - dropout with a counter-based mask regenerated in the backward (BST).
 
@@ -374,6 +375,33 @@ def pair_lookup(
 ) -> tuple[Tensor, ...]:
     """`cat([item_table[items[i]], category_table[categories[i]]], -1)` for each i."""
     return FusedPairLookup.apply(item_table, category_table, *items, *categories)
+
+
+class FusedConcatLookup(torch.autograd.Function):
+    """`cat([tables[k][ids[k]] for k], -1)` in one pass (no concatenation); the backward sums
+    each table's dense gradient in one pass, row 0 (padding) getting none."""
+
+    @staticmethod
+    def forward(ctx, n_tables, *tables_and_ids):  # type: ignore[override]
+        tables, ids = tables_and_ids[:n_tables], tables_and_ids[n_tables:]
+        ctx.save_for_backward(*ids)
+        ctx.shapes = [list(table.shape) for table in tables]
+        return torch.ops.attention_ctr_kernels.concat_lookup_forward(list(tables), list(ids))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        rows, widths = zip(*ctx.shapes)
+        d_tables = torch.ops.attention_ctr_kernels.concat_lookup_backward(
+            grad, list(ctx.saved_tensors), list(rows), list(widths)
+        )
+        return (None, *d_tables, *([None] * len(d_tables)))
+
+
+def concat_lookup(tables: list[Tensor], ids: list[Tensor]) -> Tensor:
+    """`torch.cat([table[i] for table, i in zip(tables, ids)], -1)` for embedding tables whose
+    row 0 is padding (id tensors of one shape)."""
+    return FusedConcatLookup.apply(len(tables), *tables, *ids)
 
 
 class FusedGatherPositions(torch.autograd.Function):

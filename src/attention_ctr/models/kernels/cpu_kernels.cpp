@@ -1070,6 +1070,18 @@ std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad_in, cons
 // Behaviour vectors [item ⊕ category] of several id tensors from two embedding tables (DIN,
 // DIEN, BST: target, history, DIEN's negatives): item_ids[i], category_ids[i] [B, K_i] int64
 // -> out[i] [B, K_i, D_item + D_category], one pass, no concatenation or split.
+// table[ids[n]] += grad[n * ld, + width) for n in [0, count), skipping id 0 (padding).
+void add_rows_by_id(int64_t count, int64_t width, const int64_t* __restrict__ ids,
+                    const float* __restrict__ grad, int64_t ld, float* __restrict__ table) {
+  for (int64_t n = 0; n < count; ++n) {
+    if (ids[n] == 0) continue;
+    float* __restrict__ row = table + ids[n] * width;
+    const float* __restrict__ gr = grad + n * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) row[j] += gr[j];
+  }
+}
+
 std::vector<at::Tensor> pair_lookup_forward(const at::Tensor& item_table_in,
                                             const at::Tensor& category_table_in,
                                             at::TensorList item_ids, at::TensorList category_ids) {
@@ -1145,20 +1157,80 @@ std::tuple<at::Tensor, at::Tensor> pair_lookup_backward(at::TensorList grads,
       const int64_t table_width = item_side ? item_width : category_width;
       float* d = (item_side ? d_items : d_categories).data_ptr<float>();
       for (size_t k = 0; k < kept.size(); k += 3) {
-        const float* g = kept[k].data_ptr<float>();
         const int64_t* ids = kept[k + (item_side ? 1 : 2)].data_ptr<int64_t>();
-        const int64_t count = kept[k + 1].numel();
-        for (int64_t n = 0; n < count; ++n) {
-          if (ids[n] == 0) continue;
-          float* __restrict__ row = d + ids[n] * table_width;
-          const float* __restrict__ gr = g + n * width + offset;
-#pragma omp simd
-          for (int64_t j = 0; j < table_width; ++j) row[j] += gr[j];
-        }
+        add_rows_by_id(kept[k + 1].numel(), table_width, ids, kept[k].data_ptr<float>() + offset,
+                       width, d);
       }
     }
   });
   return {d_items, d_categories};
+}
+
+// out [..., D_0 + D_1 + ...] with out[n] = [tables[0][ids[0][n]], tables[1][ids[1][n]], ...]
+// for K tables and K int64 id tensors of one shape (BST's tokens: item, category and
+// position in one pass, no concatenation).
+at::Tensor concat_lookup_forward(at::TensorList tables_in, at::TensorList ids_in) {
+  TORCH_CHECK(!tables_in.empty() && tables_in.size() == ids_in.size(),
+              "attention_ctr CPU kernels: concat_lookup_forward needs one id tensor per table");
+  std::vector<at::Tensor> tables, ids;
+  std::vector<int64_t> offsets{0};
+  for (size_t k = 0; k < tables_in.size(); ++k) {
+    check(tables_in[k], "concat_lookup_forward");
+    tables.push_back(tables_in[k].contiguous());
+    ids.push_back(ids_in[k].contiguous());
+    TORCH_CHECK(ids[k].scalar_type() == at::kLong && ids[k].sizes() == ids[0].sizes(),
+                "attention_ctr CPU kernels: concat_lookup_forward's ids must be int64 tensors "
+                "of one shape");
+    const int64_t rows = tables[k].size(0), count = ids[k].numel();
+    const int64_t* id = ids[k].data_ptr<int64_t>();
+    for (int64_t n = 0; n < count; ++n) {  // a clear error, not a read outside the table
+      TORCH_CHECK(id[n] >= 0 && id[n] < rows, "attention_ctr CPU kernels: concat_lookup_forward "
+                  "got id ", id[n], " outside table ", k, " (", rows, " rows)");
+    }
+    offsets.push_back(offsets.back() + tables[k].size(1));
+  }
+  const int64_t width = offsets.back(), count = ids[0].numel();
+  auto sizes = ids[0].sizes().vec();
+  sizes.push_back(width);
+  auto out = at::empty(sizes, tables[0].options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
+    for (size_t k = 0; k < tables.size(); ++k) {
+      const float* table = tables[k].data_ptr<float>();
+      const int64_t* id = ids[k].data_ptr<int64_t>();
+      const int64_t table_width = offsets[k + 1] - offsets[k];
+      for (int64_t n = begin; n < end; ++n) {
+        std::memcpy(op + n * width + offsets[k], table + id[n] * table_width,
+                    table_width * sizeof(float));
+      }
+    }
+  });
+  return out;
+}
+
+// Backward of concat_lookup_forward: grad [..., D_0 + D_1 + ...] -> each table's dense
+// gradient (sizes from `rows` and `widths`). Id 0 is padding and gets none (nn.Embedding's
+// padding_idx = 0). One thread sums each table, in id order: deterministic.
+std::vector<at::Tensor> concat_lookup_backward(const at::Tensor& grad_in, at::TensorList ids_in,
+                                               at::IntArrayRef rows, at::IntArrayRef widths) {
+  check(grad_in, "concat_lookup_backward");
+  const auto grad = grad_in.contiguous();
+  std::vector<at::Tensor> ids, d_tables;
+  std::vector<int64_t> offsets{0};
+  for (size_t k = 0; k < ids_in.size(); ++k) {
+    ids.push_back(ids_in[k].contiguous());
+    d_tables.push_back(at::zeros({rows[k], widths[k]}, grad.options()));
+    offsets.push_back(offsets.back() + widths[k]);
+  }
+  const int64_t width = offsets.back(), count = ids[0].numel();
+  const float* g = grad.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(ids.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t* id = ids[k].data_ptr<int64_t>();
+      add_rows_by_id(count, widths[k], id, g + offsets[k], width, d_tables[k].data_ptr<float>());
+    }
+  });
+  return d_tables;
 }
 
 constexpr int64_t kHeadRows = 256;  // rows per block of the fused head: its activations stay in L2
@@ -1455,6 +1527,9 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
   m.def("prelu_head_backward(Tensor grad, Tensor x, Tensor w1, Tensor shared, Tensor w_shared,"
         " Tensor h1, Tensor h2, Tensor s1, Tensor w2, Tensor s2, Tensor w_out, bool bf16)"
         " -> Tensor[]");
+  m.def("concat_lookup_forward(Tensor[] tables, Tensor[] ids) -> Tensor");
+  m.def("concat_lookup_backward(Tensor grad, Tensor[] ids, int[] rows, int[] widths)"
+        " -> Tensor[]");
   m.def("pair_lookup_forward(Tensor item_table, Tensor category_table, Tensor[] item_ids,"
         " Tensor[] category_ids) -> Tensor[]");
   m.def("pair_lookup_backward(Tensor[] grads, Tensor[] item_ids, Tensor[] category_ids,"
@@ -1487,6 +1562,8 @@ TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
   m.impl("dropout_backward", &dropout_backward);
   m.impl("prelu_head_forward", &prelu_head_forward);
   m.impl("prelu_head_backward", &prelu_head_backward);
+  m.impl("concat_lookup_forward", &concat_lookup_forward);
+  m.impl("concat_lookup_backward", &concat_lookup_backward);
   m.impl("pair_lookup_forward", &pair_lookup_forward);
   m.impl("pair_lookup_backward", &pair_lookup_backward);
   m.impl("dice_forward", &dice_forward);
