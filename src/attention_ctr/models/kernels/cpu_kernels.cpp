@@ -115,24 +115,16 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const flo
   }
 }
 
-// bfloat16 bits of x[0, n), rounded to nearest even (NaN stays NaN).
+// bfloat16 bits of x[0, n), rounded as torch rounds to bf16 (nearest even).
 void to_bf16(int64_t n, const float* __restrict__ x, uint16_t* __restrict__ out) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    out[i] = x[i] != x[i] ? static_cast<uint16_t>((bits >> 16) | 0x40u) : rounded;
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = c10::detail::round_to_nearest_even(x[i]);
 }
 
 // A float32 copy of bf16 operand rows (exact), for the ATen fallback of gemm_bf16.
 std::vector<float> widened(const uint16_t* x, int64_t rows, int64_t columns, int64_t ld) {
   std::vector<float> out(rows == 0 ? 0 : (rows - 1) * ld + columns);
-  for (size_t i = 0; i < out.size(); ++i) {
-    const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
-    std::memcpy(out.data() + i, &bits, sizeof(bits));
-  }
+  for (size_t i = 0; i < out.size(); ++i) out[i] = c10::detail::f32_from_bits(x[i]);
   return out;
 }
 
@@ -183,6 +175,11 @@ void to_bf16_rows(int64_t n, int64_t padded, int64_t width, const float* __restr
                   uint16_t* __restrict__ out) {
   to_bf16(n * width, x, out);
   std::memset(out + n * width, 0, (padded - n) * width * sizeof(uint16_t));
+}
+
+// Row `row` of a bf16 buffer of rows of `width` (null for the empty buffer of a float32 call).
+uint16_t* bf16_row(std::vector<uint16_t>& buffer, int64_t row, int64_t width) {
+  return buffer.empty() ? nullptr : buffer.data() + row * width;
 }
 
 // A contiguous tensor's bf16 copy (empty unless bf16): a weight, rounded once per call.
@@ -419,8 +416,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
         if (running > 0) {
           float* x_t = xr + begin * inputs;
           const float* h_t = h + (t * batch + begin) * size;
-          uint16_t* x_t16 = bf16 ? x16.data() + begin * inputs : nullptr;
-          uint16_t* h_t16 = bf16 ? h16.data() + begin * size : nullptr;
+          uint16_t* x_t16 = bf16_row(x16, begin, inputs);
+          uint16_t* h_t16 = bf16_row(h16, begin, size);
           // bf16: the matmuls run on `rows` >= running rows (zeroed beyond; see kBf16RowStep)
           const int64_t rows = bf16 ? bf16_rows(running, end - begin) : running;
           gather_step(xp, x_row, x_step, inputs, o, begin, running, t, x_t);
@@ -551,10 +548,10 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
         const float* dh_rows = dh + begin * gates;
         float* dx_rows = dxr + begin * inputs;
         float* x_step_rows = xr + begin * inputs;
-        uint16_t* dp16_rows = bf16 ? dp16.data() + begin * gates : nullptr;
-        uint16_t* dh16_rows = bf16 ? dh16.data() + begin * gates : nullptr;
-        uint16_t* x16_rows = bf16 ? x16.data() + begin * inputs : nullptr;
-        uint16_t* h16_rows = bf16 ? h16.data() + begin * size : nullptr;
+        uint16_t* dp16_rows = bf16_row(dp16, begin, gates);
+        uint16_t* dh16_rows = bf16_row(dh16, begin, gates);
+        uint16_t* x16_rows = bf16_row(x16, begin, inputs);
+        uint16_t* h16_rows = bf16_row(h16, begin, size);
         // bf16: the matmuls run on `rows` >= running rows, zeroed beyond, which add nothing
         const int64_t rows = bf16 ? bf16_rows(running, end - begin) : running;
         gather_step(xp, x_row, x_step, inputs, o, begin, running, t, x_step_rows);
@@ -1070,6 +1067,14 @@ std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad_in, cons
 // Behaviour vectors [item ⊕ category] of several id tensors from two embedding tables (DIN,
 // DIEN, BST: target, history, DIEN's negatives): item_ids[i], category_ids[i] [B, K_i] int64
 // -> out[i] [B, K_i, D_item + D_category], one pass, no concatenation or split.
+// out[n * ld, + width) = table[ids[n]] for n in [begin, end): one table's part of a lookup.
+void copy_rows_by_id(int64_t begin, int64_t end, int64_t width, const int64_t* __restrict__ ids,
+                     const float* __restrict__ table, float* __restrict__ out, int64_t ld) {
+  for (int64_t n = begin; n < end; ++n) {
+    std::memcpy(out + n * ld, table + ids[n] * width, width * sizeof(float));
+  }
+}
+
 // table[ids[n]] += grad[n * ld, + width) for n in [0, count), skipping id 0 (padding).
 void add_rows_by_id(int64_t count, int64_t width, const int64_t* __restrict__ ids,
                     const float* __restrict__ grad, int64_t ld, float* __restrict__ table) {
@@ -1117,11 +1122,8 @@ std::vector<at::Tensor> pair_lookup_forward(const at::Tensor& item_table_in,
     auto out = at::empty(sizes, item_table.options());
     float* op = out.data_ptr<float>();
     at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        std::memcpy(op + n * width, items + ip[n] * item_width, item_width * sizeof(float));
-        std::memcpy(op + n * width + item_width, categories + cp[n] * category_width,
-                    category_width * sizeof(float));
-      }
+      copy_rows_by_id(begin, end, item_width, ip, items, op, width);
+      copy_rows_by_id(begin, end, category_width, cp, categories, op + item_width, width);
     });
     outputs.push_back(out);
   }
@@ -1196,13 +1198,8 @@ at::Tensor concat_lookup_forward(at::TensorList tables_in, at::TensorList ids_in
   float* op = out.data_ptr<float>();
   at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
     for (size_t k = 0; k < tables.size(); ++k) {
-      const float* table = tables[k].data_ptr<float>();
-      const int64_t* id = ids[k].data_ptr<int64_t>();
-      const int64_t table_width = offsets[k + 1] - offsets[k];
-      for (int64_t n = begin; n < end; ++n) {
-        std::memcpy(op + n * width + offsets[k], table + id[n] * table_width,
-                    table_width * sizeof(float));
-      }
+      copy_rows_by_id(begin, end, offsets[k + 1] - offsets[k], ids[k].data_ptr<int64_t>(),
+                      tables[k].data_ptr<float>(), op + offsets[k], width);
     }
   });
   return out;
