@@ -92,7 +92,7 @@ def test_attention_is_the_target_query_averaged_over_heads():
     b = batch()
     tokens, keep = model.tokens(b)
     layer = model.layers[0]
-    q, k, _ = layer._heads(tokens)
+    q, k, _ = layer._heads(layer.qkv(tokens))
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
     expected = torch.softmax(scores, -1)[:, :, -1, :MAX_HISTORY].mean(1)
@@ -110,7 +110,7 @@ def test_block_forward_uses_the_same_attention_it_reports():
         [[True] * 5, [True, False, False, False, True], [False] * 4 + [True], [True] * 5]
     )
     probabilities = block.attention_weights(x, keep)  # [B, heads, S, S]
-    _, _, v = block._heads(x)
+    _, _, v = block._heads(block.qkv(x))
     attended = (probabilities @ v).transpose(1, 2).reshape(x.shape)
     expected = block.norm1(x + block.out(attended))
     expected = block.norm2(

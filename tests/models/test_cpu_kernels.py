@@ -705,3 +705,84 @@ def test_dien_trains_through_the_kernels_under_bf16_autocast():
     logits_32, auxiliary_32 = model.forward_with_auxiliary(batch)
     torch.testing.assert_close(auxiliary, auxiliary_32, atol=0, rtol=2e-2)
     _assert_close_to_scale(logits, logits_32, 5e-2)
+
+
+def _sdpa_reference(qkv, keep, heads):
+    """BST's eager attention on a packed projection: SDPA with the finfo.min key mask."""
+    batch, length, width = qkv.shape
+    q, k, v = qkv.view(batch, length, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
+    mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    return attended.transpose(1, 2).reshape(batch, length, width // 3)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "batch, length, heads, dim",
+    [(5, 1, 2, 3), (7, 13, 2, 6), (3, 51, 4, 24), (4, 40, 8, 12), (2, 70, 1, 40)],
+)
+def test_packed_attention_matches_sdpa(batch, length, heads, dim):
+    """BST's attention kernel against SDPA with the same mask, in values and qkv's gradient,
+    for lengths and head sizes on and off its tile sizes; masked keys get exactly zero weight:
+    their contents change nothing, and their q / k / v get no gradient from the other tokens."""
+    generator = torch.Generator().manual_seed(length)
+    qkv = torch.randn(batch, length, 3 * heads * dim, generator=generator, requires_grad=True)
+    keep = torch.rand(batch, length, generator=generator) < 0.6
+    keep[:, -1] = True  # BST's target: never masked
+    keep[0] = False
+    keep[0, 0] = True  # a row attending to one key only
+    got = cpu_kernels.packed_attention(qkv, keep, heads)
+    want = _sdpa_reference(qkv, keep, heads)
+    assert type(got.grad_fn).__name__ == "FusedPackedAttentionBackward"
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    upstream = torch.randn(got.shape, generator=generator)
+    (d_got,) = torch.autograd.grad(got, qkv, upstream)
+    (d_want,) = torch.autograd.grad(want, qkv, upstream)
+    torch.testing.assert_close(d_got, d_want, atol=2e-5, rtol=1e-4)
+    assert not d_got.view(batch, length, 3, -1)[:, :, 1:][~keep].any()
+
+    changed = qkv.detach().clone()
+    key_and_value = changed.view(batch, length, 3, -1)[:, :, 1:]
+    key_and_value[~keep] = 1e4  # masked keys' k and v
+    same = cpu_kernels.packed_attention(changed, keep, heads)
+    torch.testing.assert_close(same, got.detach(), atol=0, rtol=0)
+
+
+@needs_kernels
+def test_packed_attention_names_bad_inputs():
+    qkv = torch.randn(2, 5, 12)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1] = False
+    with pytest.raises(RuntimeError, match="every batch row to keep at least one key"):
+        cpu_kernels.packed_attention(qkv, keep, 2)
+    with pytest.raises(RuntimeError, match=r"qkv \[B, S, 3 H D\] for 5 heads"):
+        cpu_kernels.packed_attention(qkv, keep | True, 5)
+    with pytest.raises(RuntimeError, match="takes float32"):
+        cpu_kernels.packed_attention(qkv.double(), keep | True, 2)
+
+
+@needs_kernels
+def test_transformer_block_attention_through_the_kernel_under_bf16_autocast(monkeypatch):
+    """Under CPU bf16 autocast BST's block still attends in float32, through the kernel: the
+    same output (to bf16's rounding) and input gradient as its SDPA path."""
+    from attention_ctr.models.bst import TransformerBlock
+
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 2, 16, dropout=0.0).train()
+    x = torch.randn(6, 9, 16, requires_grad=True)
+    keep = torch.rand(6, 9) < 0.7
+    keep[:, -1] = True
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x, keep)
+        (d_x,) = torch.autograd.grad(out.float().sum(), x)
+        return out.float(), d_x, _graph_nodes(out)
+
+    out, d_x, nodes = run()
+    assert "FusedPackedAttentionBackward" in nodes
+    monkeypatch.setattr(cpu_kernels, "_state", {"loaded": False})
+    eager_out, eager_d_x, eager_nodes = run()
+    assert "FusedPackedAttentionBackward" not in eager_nodes
+    torch.testing.assert_close(out, eager_out, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(d_x, eager_d_x, atol=3e-2, rtol=2e-2)

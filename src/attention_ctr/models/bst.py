@@ -114,23 +114,28 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
         self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
 
-    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`[B, S, d]` -> q, k, v `[B, heads, S, d / heads]`."""
-        batch, length, d_model = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.n_heads, d_model // self.n_heads)
+    def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The projection `[B, S, 3 d]` -> q, k, v `[B, heads, S, d / heads]`."""
+        batch, length, width = qkv.shape
+        qkv = qkv.view(batch, length, 3, self.n_heads, width // (3 * self.n_heads))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
     def attention_weights(self, x: Tensor, keep: Tensor) -> Tensor:
         """The attention probabilities `[B, heads, S, S]` (no dropout), for explanations."""
-        q, k, _ = self._heads(x)
+        q, k, _ = self._heads(self.qkv(x))
         scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
         return torch.softmax(scores + _padding_bias(keep, scores.dtype), dim=-1)
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        q, k, v = self._heads(x)
+    def _attend(self, x: Tensor, keep: Tensor) -> Tensor:
+        """Multi-head attention before the output projection: `[B, S, d]`, heads side by side."""
+        qkv = self.qkv(x)
         # Attention itself in float32 even under bf16 autocast: the CPU's bf16 SDPA (and its
         # casts) made a bf16 training step 1.9x slower than float32; the Linears stay bf16.
+        if cpu_kernels.usable(x) and not (self.training and self.attention_dropout):
+            # CPU training: straight from the packed projection, the gradient in its layout
+            return cpu_kernels.packed_attention(qkv.float(), keep, self.n_heads)
+        q, k, v = self._heads(qkv)
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.promote_types(q.dtype, torch.float32)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -141,7 +146,10 @@ class TransformerBlock(nn.Module):
                 attn_mask=_padding_bias(keep, q.dtype),
                 dropout_p=self.attention_dropout if self.training else 0.0,
             )  # [B, heads, S, d / heads]
-        attended = attended.transpose(1, 2).reshape(x.shape)
+        return attended.transpose(1, 2).reshape(x.shape)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        attended = self._attend(x, keep)
         p, training = self.dropout_p, self.training
         x = self.norm1(x + fast_dropout(self.out(attended), p, training))
         hidden = fast_dropout(F.leaky_relu(self.feedforward1(x)), p, training)

@@ -20,7 +20,11 @@
   gradient summed in one pass, in id order), and BST's tokens (item, category and position
   vectors in one lookup);
 - Dice in training (weighted batch statistics, one pass forward, two backward);
-- dropout with a counter-based mask regenerated in the backward (BST).
+- dropout with a counter-based mask regenerated in the backward (BST);
+- BST's multi-head self-attention straight from its packed q | k | v projection, its output in
+  the layout the output projection reads and its gradient in the projection's (no head
+  transposes, no q / k / v gradient reassembly), the probabilities recomputed in the backward
+  from each query's log-sum-exp, as flash attention does.
 
 Weight gradients and column sums are summed over fixed blocks in order, so results repeat for
 a given thread count. Under CPU bf16 autocast the recurrences and the head round their
@@ -312,6 +316,35 @@ def dropout(x: Tensor, threshold: int) -> Tensor:
     scaled by 2^15 / (2^15 - threshold)."""
     seed = int(torch.randint(0, 2**62, (1,)).item())
     return FusedDropout.apply(x, threshold, seed)
+
+
+class FusedPackedAttention(torch.autograd.Function):
+    """Multi-head self-attention on a packed projection (see `packed_attention`); keeps only qkv,
+    keep and each query's log-sum-exp for the backward."""
+
+    @staticmethod
+    def forward(ctx, qkv, keep, heads):  # type: ignore[override]
+        out, lse = torch.ops.attention_ctr_kernels.packed_attention_forward(qkv, keep, heads)
+        ctx.heads = heads
+        ctx.save_for_backward(qkv, keep, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        qkv, keep, lse = ctx.saved_tensors
+        d_qkv = torch.ops.attention_ctr_kernels.packed_attention_backward(
+            grad, qkv, keep, lse, ctx.heads
+        )
+        return d_qkv, None, None
+
+
+def packed_attention(qkv: Tensor, keep: Tensor, heads: int) -> Tensor:
+    """`softmax(q k^T / sqrt(D) + mask) v` per head -> `[B, S, H D]` (heads side by side), for
+    float32 `qkv` `[B, S, 3 H D]` (per token q | k | v, each H heads of D) and keys masked where
+    `keep` `[B, S]` (bool) is False, as `scaled_dot_product_attention` with a `finfo.min` mask;
+    every batch row must keep a key."""
+    return FusedPackedAttention.apply(qkv, keep, heads)
 
 
 class FusedPReLUHead(torch.autograd.Function):

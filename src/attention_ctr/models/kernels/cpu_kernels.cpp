@@ -17,9 +17,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -1463,6 +1465,313 @@ std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at:
           sums.narrow(0, 2 * first + 3 * second, 1)};
 }
 
+// BST's multi-head self-attention on the packed projection qkv [B, S, 3 H D] (see
+// packed_attention_forward). Per (batch row, head) the q, k, v blocks are copied into buffers
+// that stay in L1/L2 and multiplied there by register tiles of GCC/Clang vector types (16
+// floats, one AVX-512 register; the compiler splits them elsewhere). The scores are kept
+// transposed, st [key][query], so each query's softmax over the keys runs down a column: its max
+// and sum are lane-wise over 16 queries at once, never a reduction across a vector's lanes.
+namespace {
+
+typedef float Vec __attribute__((vector_size(64)));
+typedef int32_t IntVec __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kTileRows = 4;      // the register tile: 4 rows x 32 columns
+constexpr int64_t kTileColumns = 32;
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec splat(float x) { return Vec{} + x; }
+inline int64_t round_up(int64_t n, int64_t step) { return (n + step - 1) / step * step; }
+
+// exp(x) for the softmax's arguments x <= 0 (larger x are taken as 0), lane by lane: Cephes' expf
+// (range reduction by ln 2, a degree-6 polynomial, ~1 ulp); exactly 0 below -87.34, where float
+// exp underflows, so masked keys get exactly zero weight.
+inline Vec softmax_exp(Vec x) {
+  const IntVec underflow = x < -87.33654f;
+  x = x < -87.33654f ? splat(-87.33654f) : x;
+  x = x > 0.f ? Vec{} : x;
+  const Vec n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // rounded to an integer
+  Vec r = x - n * 0.693359375f;  // ln 2 in two parts: n * 0.693359375 is exact
+  r = r - n * -2.12194440e-4f;
+  Vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const IntVec two_to_n = (__builtin_convertvector(n, IntVec) + 127) << 23;
+  const Vec value = p * reinterpret_cast<Vec>(two_to_n);
+  return reinterpret_cast<Vec>(reinterpret_cast<IntVec>(value) & ~underflow);
+}
+
+// c[i][0:n] = sum_p a(i, p) b[p][0:n] for i < m, with a(i, p) = a[i * a_row + p * a_col] (either
+// layout of a); m a multiple of kTileRows, n of kTileColumns (the buffers are padded).
+void small_matmul(int64_t m, int64_t k, int64_t n, const float* __restrict__ a, int64_t a_row,
+                  int64_t a_col, const float* __restrict__ b, int64_t ldb, float* __restrict__ c,
+                  int64_t ldc) {
+  for (int64_t i = 0; i < m; i += kTileRows) {
+    for (int64_t j = 0; j < n; j += kTileColumns) {
+      Vec c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      for (int64_t p = 0; p < k; ++p) {
+        const Vec b0 = load_vec(b + p * ldb + j), b1 = load_vec(b + p * ldb + j + kLanes);
+        const float* column = a + i * a_row + p * a_col;
+        const float a0 = column[0], a1 = column[a_row], a2 = column[2 * a_row],
+                    a3 = column[3 * a_row];
+        c00 += a0 * b0;
+        c01 += a0 * b1;
+        c10 += a1 * b0;
+        c11 += a1 * b1;
+        c20 += a2 * b0;
+        c21 += a2 * b1;
+        c30 += a3 * b0;
+        c31 += a3 * b1;
+      }
+      float* row = c + i * ldc + j;
+      store_vec(row, c00);
+      store_vec(row + kLanes, c01);
+      store_vec(row + ldc, c10);
+      store_vec(row + ldc + kLanes, c11);
+      store_vec(row + 2 * ldc, c20);
+      store_vec(row + 2 * ldc + kLanes, c21);
+      store_vec(row + 3 * ldc, c30);
+      store_vec(row + 3 * ldc + kLanes, c31);
+    }
+  }
+}
+
+struct AttentionShape {
+  int64_t batch, length, heads, dim, width, stride;
+  int64_t rows, dims, queries;  // padded: length to kTileRows; dim and length to kTileColumns
+  AttentionShape(const at::Tensor& qkv, int64_t heads_)
+      : batch(qkv.size(0)), length(qkv.size(1)), heads(heads_), dim(qkv.size(2) / 3 / heads_),
+        width(qkv.size(2) / 3), stride(qkv.size(2)), rows(round_up(length, kTileRows)),
+        dims(round_up(dim, kTileColumns)), queries(round_up(length, kTileColumns)) {}
+};
+
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC would turn the row copy below into one memcpy call per row of a few dozen bytes
+#define NO_MEMCPY_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define NO_MEMCPY_CALLS
+#endif
+
+// The first `dim` values of `length` rows (`stride` apart) into out [length][ld]. The buffers'
+// padding (rows past length, columns past dim) is never written: it stays zero.
+NO_MEMCPY_CALLS void copy_block(const float* __restrict__ src, int64_t stride, int64_t length,
+                                int64_t dim, float* __restrict__ out, int64_t ld) {
+  for (int64_t i = 0; i < length; ++i)
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) out[i * ld + d] = src[i * stride + d];
+}
+
+// out[d][i] = rows[i][d] for i < length, d < dim.
+void transpose_block(const float* __restrict__ rows, int64_t ld_rows, int64_t length, int64_t dim,
+                     float* __restrict__ out, int64_t ld_out) {
+  for (int64_t i = 0; i < length; ++i)
+    for (int64_t d = 0; d < dim; ++d) out[d * ld_out + i] = rows[i * ld_rows + d];
+}
+
+// Share `part` of `parts` (one per head) of the cache lines of the next batch row's contiguous
+// block: the heads read a block in slices, which the hardware prefetchers do not follow.
+void prefetch_share(const float* block, int64_t count, int64_t part, int64_t parts) {
+  const int64_t lines = (count + 15) / 16;
+  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
+    __builtin_prefetch(block + line * 16);
+}
+
+// One thread's buffers, zeroed once: only their real parts are written, so the padding stays 0.
+struct AttentionBuffers {
+  std::vector<float> q, k, v, grad, qt, grad_t, st, ds, out, top, sums;
+  explicit AttentionBuffers(const AttentionShape& s)
+      : q(s.rows * s.dims), k(s.rows * s.dims), v(s.rows * s.dims), grad(s.rows * s.dims),
+        qt(s.dim * s.queries), grad_t(s.dim * s.queries), st(s.rows * s.queries),
+        ds(s.rows * s.queries), out(s.rows * s.dims), top(s.queries), sums(s.queries) {}
+};
+
+// Batch row b's q, k, v blocks of head h into the buffers (and q transposed).
+void load_head(const AttentionShape& s, const float* qkv, int64_t b, int64_t h,
+               AttentionBuffers& w) {
+  const float* src = qkv + b * s.length * s.stride + h * s.dim;
+  copy_block(src, s.stride, s.length, s.dim, w.q.data(), s.dims);
+  copy_block(src + s.width, s.stride, s.length, s.dim, w.k.data(), s.dims);
+  copy_block(src + 2 * s.width, s.stride, s.length, s.dim, w.v.data(), s.dims);
+  transpose_block(w.q.data(), s.dims, s.length, s.dim, w.qt.data(), s.queries);
+}
+
+// st [key][query] = k q^T / sqrt(D) + the key mask's bias: 0 where kept, float's lowest where
+// masked (the eager path's finfo.min mask); each query's max over the keys into w.top.
+void head_scores(const AttentionShape& s, const bool* keep, float scale, AttentionBuffers& w) {
+  small_matmul(s.rows, s.dim, s.queries, w.k.data(), s.dims, 1, w.qt.data(), s.queries,
+               w.st.data(), s.queries);
+  for (int64_t i = 0; i < s.queries; i += kLanes) {
+    Vec top = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < s.length; ++j) {
+      float* score = w.st.data() + j * s.queries + i;
+      const Vec v = load_vec(score) * scale + (keep[j] ? 0.f : std::numeric_limits<float>::lowest());
+      store_vec(score, v);
+      top = v > top ? v : top;
+    }
+    store_vec(w.top.data() + i, top);
+  }
+}
+
+// The first `dim` columns of out's rows i < length, times factor[i] (or 1), into dst.
+void store_rows(const AttentionShape& s, const float* __restrict__ out,
+                const float* __restrict__ factor, float* __restrict__ dst, int64_t ld) {
+  for (int64_t i = 0; i < s.length; ++i) {
+    const float f = factor ? factor[i] : 1.f;
+#pragma omp simd
+    for (int64_t d = 0; d < s.dim; ++d) dst[i * ld + d] = out[i * s.dims + d] * f;
+  }
+}
+
+void check_attention(const at::Tensor& qkv, const at::Tensor& keep, int64_t heads,
+                     const char* op) {
+  check(qkv, op);
+  TORCH_CHECK(qkv.dim() == 3 && heads > 0 && qkv.size(2) % (3 * heads) == 0,
+              "attention_ctr CPU kernels: ", op, " takes qkv [B, S, 3 H D] for ", heads,
+              " heads, got ", qkv.sizes());
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() == 2 &&
+                  keep.size(0) == qkv.size(0) && keep.size(1) == qkv.size(1),
+              "attention_ctr CPU kernels: ", op, " takes keep [B, S] bool, got ",
+              keep.scalar_type(), " ", keep.sizes());
+}
+
+}  // namespace
+
+// out [B, S, H D] = softmax(q k^T / sqrt(D) + mask) v per head, for the packed projection `qkv`
+// [B, S, 3 H D] (per token q | k | v, each H heads of D, as BST's `TransformerBlock.qkv` writes
+// it), keys masked where `keep` [B, S] is False; out is in the layout the output projection
+// reads (no head transposes). Every batch row must keep at least one key. Also returns each
+// query's log-sum-exp [B, H, S], all the backward keeps (it recomputes the probabilities, as
+// flash attention does).
+std::tuple<at::Tensor, at::Tensor> packed_attention_forward(const at::Tensor& qkv_in,
+                                                            const at::Tensor& keep_in,
+                                                            int64_t heads) {
+  check_attention(qkv_in, keep_in, heads, "packed_attention_forward");
+  TORCH_CHECK(keep_in.any(1).all().item<bool>(), "attention_ctr CPU kernels: "
+              "packed_attention_forward needs every batch row to keep at least one key");
+  const auto qkv = qkv_in.contiguous();
+  const auto keep = keep_in.contiguous();
+  const AttentionShape s(qkv, heads);
+  auto out = at::empty({s.batch, s.length, s.width}, qkv.options());
+  auto lse = at::empty({s.batch, heads, s.length}, qkv.options());
+  const float* x = qkv.data_ptr<float>();
+  const bool* kept = keep.data_ptr<bool>();
+  float* out_p = out.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(s.dim));
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    AttentionBuffers w(s);
+    for (int64_t b = first; b < last; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        if (b + 1 < last) prefetch_share(x + (b + 1) * s.length * s.stride, s.length * s.stride, h, heads);
+        load_head(s, x, b, h, w);
+        head_scores(s, kept + b * s.length, scale, w);
+        // unnormalised probabilities: out's rows are divided by their sums after P V
+        for (int64_t i = 0; i < s.queries; i += kLanes) {
+          const Vec top = load_vec(w.top.data() + i);
+          Vec sum = {};
+          for (int64_t j = 0; j < s.length; ++j) {
+            float* p = w.st.data() + j * s.queries + i;
+            const Vec e = softmax_exp(load_vec(p) - top);
+            store_vec(p, e);
+            sum += e;
+          }
+          store_vec(w.sums.data() + i, sum);
+        }
+        small_matmul(s.rows, s.length, s.dims, w.st.data(), 1, s.queries, w.v.data(), s.dims,
+                     w.out.data(), s.dims);
+        float* row_lse = lse_p + (b * heads + h) * s.length;
+        for (int64_t i = 0; i < s.length; ++i) {
+          row_lse[i] = w.top[i] + std::log(w.sums[i]);
+          w.sums[i] = 1.f / w.sums[i];
+        }
+        store_rows(s, w.out.data(), w.sums.data(), out_p + b * s.length * s.width + h * s.dim, s.width);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// d qkv [B, S, 3 H D] (qkv's layout) from out's gradient [B, S, H D]: with P recomputed from the
+// scores and the log-sum-exp, dV = P^T dO, dS = P (dP - rowsum(P dP)) / sqrt(D) with
+// dP = dO V^T, dQ = dS K, dK = dS^T Q.
+at::Tensor packed_attention_backward(const at::Tensor& grad_in, const at::Tensor& qkv_in,
+                                     const at::Tensor& keep_in, const at::Tensor& lse_in,
+                                     int64_t heads) {
+  check_attention(qkv_in, keep_in, heads, "packed_attention_backward");
+  check(grad_in, "packed_attention_backward");
+  const auto grad = grad_in.contiguous();
+  const auto qkv = qkv_in.contiguous();
+  const auto keep = keep_in.contiguous();
+  const auto lse = lse_in.contiguous();
+  const AttentionShape s(qkv, heads);
+  auto d_qkv = at::empty_like(qkv);
+  const float* x = qkv.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  const bool* kept = keep.data_ptr<bool>();
+  const float* lse_p = lse.data_ptr<float>();
+  float* dx = d_qkv.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(s.dim));
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    AttentionBuffers w(s);
+    std::vector<float> row_lse(s.queries);  // padding queries keep 0
+    for (int64_t b = first; b < last; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        if (b + 1 < last) {
+          prefetch_share(x + (b + 1) * s.length * s.stride, s.length * s.stride, h, heads);
+          prefetch_share(g + (b + 1) * s.length * s.width, s.length * s.width, h, heads);
+        }
+        load_head(s, x, b, h, w);
+        copy_block(g + b * s.length * s.width + h * s.dim, s.width, s.length, s.dim,
+                   w.grad.data(), s.dims);
+        transpose_block(w.grad.data(), s.dims, s.length, s.dim, w.grad_t.data(), s.queries);
+        head_scores(s, kept + b * s.length, scale, w);
+        std::copy_n(lse_p + (b * heads + h) * s.length, s.length, row_lse.data());
+        for (int64_t i = 0; i < s.queries; i += kLanes) {
+          const Vec column_lse = load_vec(row_lse.data() + i);
+          for (int64_t j = 0; j < s.length; ++j) {
+            float* p = w.st.data() + j * s.queries + i;
+            store_vec(p, softmax_exp(load_vec(p) - column_lse));
+          }
+        }
+        float* dst = dx + b * s.length * s.stride + h * s.dim;
+        // dV = P^T dO
+        small_matmul(s.rows, s.length, s.dims, w.st.data(), s.queries, 1, w.grad.data(), s.dims,
+                     w.out.data(), s.dims);
+        store_rows(s, w.out.data(), nullptr, dst + 2 * s.width, s.stride);
+        // dP^T = V dO^T, then dS = P (dP - delta) / sqrt(D), delta = each query's sum of P dP
+        small_matmul(s.rows, s.dim, s.queries, w.v.data(), s.dims, 1, w.grad_t.data(),
+                     s.queries, w.ds.data(), s.queries);
+        for (int64_t i = 0; i < s.queries; i += kLanes) {
+          Vec delta = {};
+          for (int64_t j = 0; j < s.length; ++j)
+            delta += load_vec(w.st.data() + j * s.queries + i) * load_vec(w.ds.data() + j * s.queries + i);
+          for (int64_t j = 0; j < s.length; ++j) {
+            float* d = w.ds.data() + j * s.queries + i;
+            store_vec(d, scale * load_vec(w.st.data() + j * s.queries + i) * (load_vec(d) - delta));
+          }
+        }
+        // dQ = dS K, dK = dS^T Q
+        small_matmul(s.rows, s.length, s.dims, w.ds.data(), 1, s.queries, w.k.data(), s.dims,
+                     w.out.data(), s.dims);
+        store_rows(s, w.out.data(), nullptr, dst, s.stride);
+        small_matmul(s.rows, s.length, s.dims, w.ds.data(), s.queries, 1, w.q.data(), s.dims,
+                     w.out.data(), s.dims);
+        store_rows(s, w.out.data(), nullptr, dst + s.width, s.stride);
+      }
+    }
+  });
+  return d_qkv;
+}
+
 // Dropout with a counter-based random mask: each element's uniform is a hash of the seed and its
 // position (two rounds of the "lowbias32" integer hash, 32-bit so it vectorises), so the
 // backward regenerates the mask instead of storing it and threads draw independently. out = x *
@@ -1516,6 +1825,9 @@ at::Tensor dropout_backward(const at::Tensor& grad, int64_t threshold, int64_t s
 }
 
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("packed_attention_forward(Tensor qkv, Tensor keep, int heads) -> (Tensor, Tensor)");
+  m.def("packed_attention_backward(Tensor grad, Tensor qkv, Tensor keep, Tensor lse, int heads)"
+        " -> Tensor");
   m.def("dropout_forward(Tensor x, int threshold, int seed) -> Tensor");
   m.def("dropout_backward(Tensor grad, int threshold, int seed) -> Tensor");
   m.def("prelu_head_forward(Tensor x, Tensor w1, Tensor shared, Tensor w_shared, Tensor b1,"
@@ -1555,6 +1867,8 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
+  m.impl("packed_attention_forward", &packed_attention_forward);
+  m.impl("packed_attention_backward", &packed_attention_backward);
   m.impl("dropout_forward", &dropout_forward);
   m.impl("dropout_backward", &dropout_backward);
   m.impl("prelu_head_forward", &prelu_head_forward);
