@@ -727,24 +727,28 @@ def test_packed_attention_matches_sdpa(batch, length, heads, dim):
     their contents change nothing, and their q / k / v get no gradient from the other tokens."""
     generator = torch.Generator().manual_seed(length)
     qkv = torch.randn(batch, length, 3 * heads * dim, generator=generator, requires_grad=True)
+    bias = torch.randn(3 * heads * dim, generator=generator, requires_grad=True)
     keep = torch.rand(batch, length, generator=generator) < 0.6
     keep[:, -1] = True  # BST's target: never masked
     keep[0] = False
     keep[0, 0] = True  # a row attending to one key only
-    got = cpu_kernels.packed_attention(qkv, keep, heads)
-    want = _sdpa_reference(qkv, keep, heads)
+    got = cpu_kernels.packed_attention(qkv, bias, keep, heads)
+    want = _sdpa_reference(qkv + bias, keep, heads)
     assert type(got.grad_fn).__name__ == "FusedPackedAttentionBackward"
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     upstream = torch.randn(got.shape, generator=generator)
-    (d_got,) = torch.autograd.grad(got, qkv, upstream)
-    (d_want,) = torch.autograd.grad(want, qkv, upstream)
-    torch.testing.assert_close(d_got, d_want, atol=2e-5, rtol=1e-4)
-    assert not d_got.view(batch, length, 3, -1)[:, :, 1:][~keep].any()
+    d_got = torch.autograd.grad(got, [qkv, bias], upstream)
+    d_want = torch.autograd.grad(want, [qkv, bias], upstream)
+    for a, b in zip(d_got, d_want):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+    assert not d_got[0].view(batch, length, 3, -1)[:, :, 1:][~keep].any()
+    without_bias = cpu_kernels.packed_attention(qkv + bias, None, keep, heads)
+    torch.testing.assert_close(without_bias, got, atol=2e-6, rtol=1e-5)
 
     changed = qkv.detach().clone()
     key_and_value = changed.view(batch, length, 3, -1)[:, :, 1:]
     key_and_value[~keep] = 1e4  # masked keys' k and v
-    same = cpu_kernels.packed_attention(changed, keep, heads)
+    same = cpu_kernels.packed_attention(changed, bias, keep, heads)
     torch.testing.assert_close(same, got.detach(), atol=0, rtol=0)
 
 
@@ -754,11 +758,13 @@ def test_packed_attention_names_bad_inputs():
     keep = torch.ones(2, 5, dtype=torch.bool)
     keep[1] = False
     with pytest.raises(RuntimeError, match="every batch row to keep at least one key"):
-        cpu_kernels.packed_attention(qkv, keep, 2)
+        cpu_kernels.packed_attention(qkv, None, keep, 2)
     with pytest.raises(RuntimeError, match=r"qkv \[B, S, 3 H D\] for 5 heads"):
-        cpu_kernels.packed_attention(qkv, keep | True, 5)
+        cpu_kernels.packed_attention(qkv, None, keep | True, 5)
     with pytest.raises(RuntimeError, match="takes float32"):
-        cpu_kernels.packed_attention(qkv.double(), keep | True, 2)
+        cpu_kernels.packed_attention(qkv.double(), None, keep | True, 2)
+    with pytest.raises(RuntimeError, match=r"a bias \[3 H D\] = \[12\] or none"):
+        cpu_kernels.packed_attention(qkv, torch.zeros(4), keep | True, 2)
 
 
 @needs_kernels

@@ -129,13 +129,14 @@ class TransformerBlock(nn.Module):
 
     def _attend(self, x: Tensor, keep: Tensor) -> Tensor:
         """Multi-head attention before the output projection: `[B, S, d]`, heads side by side."""
-        qkv = self.qkv(x)
         # Attention itself in float32 even under bf16 autocast: the CPU's bf16 SDPA (and its
         # casts) made a bf16 training step 1.9x slower than float32; the Linears stay bf16.
         if cpu_kernels.usable(x) and not (self.training and self.attention_dropout):
-            # CPU training: straight from the packed projection, the gradient in its layout
-            return cpu_kernels.packed_attention(qkv.float(), keep, self.n_heads)
-        q, k, v = self._heads(qkv)
+            # CPU training: straight from the packed projection (the kernel adds its bias), the
+            # gradient in its layout
+            qkv = F.linear(x, self.qkv.weight).float()
+            return cpu_kernels.packed_attention(qkv, self.qkv.bias, keep, self.n_heads)
+        q, k, v = self._heads(self.qkv(x))
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.promote_types(q.dtype, torch.float32)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -295,7 +296,8 @@ class BST(CTRModel):
         x, keep = self.tokens(batch, pad=not trim)
         for layer in self.layers:
             x = layer(x, keep)
-        x = x.masked_fill(~keep.unsqueeze(-1), 0.0)  # padded positions contribute nothing
+        # padded positions contribute nothing; in place: the last LayerNorm keeps no output
+        x = x.masked_fill_(~keep.unsqueeze(-1), 0.0)
         if trim:
             return self._concat_logits(x)
         if self.output == "concat":

@@ -320,31 +320,33 @@ def dropout(x: Tensor, threshold: int) -> Tensor:
 
 class FusedPackedAttention(torch.autograd.Function):
     """Multi-head self-attention on a packed projection (see `packed_attention`); keeps only qkv,
-    keep and each query's log-sum-exp for the backward."""
+    bias, keep and each query's log-sum-exp for the backward."""
 
     @staticmethod
-    def forward(ctx, qkv, keep, heads):  # type: ignore[override]
-        out, lse = torch.ops.attention_ctr_kernels.packed_attention_forward(qkv, keep, heads)
+    def forward(ctx, qkv, bias, keep, heads):  # type: ignore[override]
+        bias = bias if bias is not None else qkv.new_empty(0)
+        out, lse = torch.ops.attention_ctr_kernels.packed_attention_forward(qkv, bias, keep, heads)
         ctx.heads = heads
-        ctx.save_for_backward(qkv, keep, lse)
+        ctx.save_for_backward(qkv, bias, keep, lse)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        qkv, keep, lse = ctx.saved_tensors
-        d_qkv = torch.ops.attention_ctr_kernels.packed_attention_backward(
-            grad, qkv, keep, lse, ctx.heads
+        qkv, bias, keep, lse = ctx.saved_tensors
+        d_qkv, d_bias = torch.ops.attention_ctr_kernels.packed_attention_backward(
+            grad, qkv, bias, keep, lse, ctx.heads
         )
-        return d_qkv, None, None
+        return d_qkv, (d_bias if bias.numel() else None), None, None
 
 
-def packed_attention(qkv: Tensor, keep: Tensor, heads: int) -> Tensor:
+def packed_attention(qkv: Tensor, bias: Tensor | None, keep: Tensor, heads: int) -> Tensor:
     """`softmax(q k^T / sqrt(D) + mask) v` per head -> `[B, S, H D]` (heads side by side), for
-    float32 `qkv` `[B, S, 3 H D]` (per token q | k | v, each H heads of D) and keys masked where
+    float32 `qkv + bias` `[B, S, 3 H D]` (per token q | k | v, each H heads of D; `bias` `[3 H D]`
+    or None: a Linear's bias, added here instead of in a pass of its own) and keys masked where
     `keep` `[B, S]` (bool) is False, as `scaled_dot_product_attention` with a `finfo.min` mask;
     every batch row must keep a key."""
-    return FusedPackedAttention.apply(qkv, keep, heads)
+    return FusedPackedAttention.apply(qkv, bias, keep, heads)
 
 
 class FusedPReLUHead(torch.autograd.Function):

@@ -1561,13 +1561,21 @@ struct AttentionShape {
 #define NO_MEMCPY_CALLS
 #endif
 
-// The first `dim` values of `length` rows (`stride` apart) into out [length][ld]. The buffers'
-// padding (rows past length, columns past dim) is never written: it stays zero.
+// The first `dim` values of `length` rows (`stride` apart) into out [length][ld], plus
+// bias[0:dim] if given. The buffers' padding (rows past length, columns past dim) is never
+// written: it stays zero.
 NO_MEMCPY_CALLS void copy_block(const float* __restrict__ src, int64_t stride, int64_t length,
-                                int64_t dim, float* __restrict__ out, int64_t ld) {
-  for (int64_t i = 0; i < length; ++i)
+                                int64_t dim, float* __restrict__ out, int64_t ld,
+                                const float* __restrict__ bias = nullptr) {
+  for (int64_t i = 0; i < length; ++i) {
+    if (bias) {
 #pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) out[i * ld + d] = src[i * stride + d];
+      for (int64_t d = 0; d < dim; ++d) out[i * ld + d] = src[i * stride + d] + bias[d];
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) out[i * ld + d] = src[i * stride + d];
+    }
+  }
 }
 
 // out[d][i] = rows[i][d] for i < length, d < dim.
@@ -1594,13 +1602,15 @@ struct AttentionBuffers {
         ds(s.rows * s.queries), out(s.rows * s.dims), top(s.queries), sums(s.queries) {}
 };
 
-// Batch row b's q, k, v blocks of head h into the buffers (and q transposed).
-void load_head(const AttentionShape& s, const float* qkv, int64_t b, int64_t h,
+// Batch row b's q, k, v blocks of head h (plus their biases, if any) into the buffers, and q
+// transposed.
+void load_head(const AttentionShape& s, const float* qkv, const float* bias, int64_t b, int64_t h,
                AttentionBuffers& w) {
   const float* src = qkv + b * s.length * s.stride + h * s.dim;
-  copy_block(src, s.stride, s.length, s.dim, w.q.data(), s.dims);
-  copy_block(src + s.width, s.stride, s.length, s.dim, w.k.data(), s.dims);
-  copy_block(src + 2 * s.width, s.stride, s.length, s.dim, w.v.data(), s.dims);
+  const auto part = [&](int64_t p) { return bias ? bias + p * s.width + h * s.dim : nullptr; };
+  copy_block(src, s.stride, s.length, s.dim, w.q.data(), s.dims, part(0));
+  copy_block(src + s.width, s.stride, s.length, s.dim, w.k.data(), s.dims, part(1));
+  copy_block(src + 2 * s.width, s.stride, s.length, s.dim, w.v.data(), s.dims, part(2));
   transpose_block(w.q.data(), s.dims, s.length, s.dim, w.qt.data(), s.queries);
 }
 
@@ -1631,12 +1641,28 @@ void store_rows(const AttentionShape& s, const float* __restrict__ out,
   }
 }
 
-void check_attention(const at::Tensor& qkv, const at::Tensor& keep, int64_t heads,
-                     const char* op) {
+// The same for a gradient, whose column sums over the rows are also added to sums[0:dim].
+void store_gradient_rows(const AttentionShape& s, const float* __restrict__ out,
+                         float* __restrict__ dst, int64_t ld, float* __restrict__ sums) {
+  store_rows(s, out, nullptr, dst, ld);
+  for (int64_t i = 0; i < s.length; ++i)
+#pragma omp simd
+    for (int64_t d = 0; d < s.dim; ++d) sums[d] += out[i * s.dims + d];
+}
+
+constexpr int64_t kAttentionRowsPerBlock = 8;  // batch rows per block of the bias gradient's sums
+
+void check_attention(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor& keep,
+                     int64_t heads, const char* op) {
   check(qkv, op);
   TORCH_CHECK(qkv.dim() == 3 && heads > 0 && qkv.size(2) % (3 * heads) == 0,
               "attention_ctr CPU kernels: ", op, " takes qkv [B, S, 3 H D] for ", heads,
               " heads, got ", qkv.sizes());
+  if (bias.numel()) {
+    check(bias, op);
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == qkv.size(2), "attention_ctr CPU kernels: ",
+                op, " takes a bias [3 H D] = [", qkv.size(2), "] or none, got ", bias.sizes());
+  }
   TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() == 2 &&
                   keep.size(0) == qkv.size(0) && keep.size(1) == qkv.size(1),
               "attention_ctr CPU kernels: ", op, " takes keep [B, S] bool, got ",
@@ -1645,20 +1671,23 @@ void check_attention(const at::Tensor& qkv, const at::Tensor& keep, int64_t head
 
 }  // namespace
 
-// out [B, S, H D] = softmax(q k^T / sqrt(D) + mask) v per head, for the packed projection `qkv`
-// [B, S, 3 H D] (per token q | k | v, each H heads of D, as BST's `TransformerBlock.qkv` writes
-// it), keys masked where `keep` [B, S] is False; out is in the layout the output projection
-// reads (no head transposes). Every batch row must keep at least one key. Also returns each
-// query's log-sum-exp [B, H, S], all the backward keeps (it recomputes the probabilities, as
-// flash attention does).
+// out [B, S, H D] = softmax(q k^T / sqrt(D) + mask) v per head, for the packed projection
+// `qkv` + `bias` (bias [3 H D] or empty) [B, S, 3 H D] (per token q | k | v, each H heads of D,
+// as BST's `TransformerBlock.qkv` writes it), keys masked where `keep` [B, S] is False; out is in
+// the layout the output projection reads (no head transposes). Every batch row must keep at
+// least one key. Also returns each query's log-sum-exp [B, H, S], all the backward keeps (it
+// recomputes the probabilities, as flash attention does).
 std::tuple<at::Tensor, at::Tensor> packed_attention_forward(const at::Tensor& qkv_in,
+                                                            const at::Tensor& bias_in,
                                                             const at::Tensor& keep_in,
                                                             int64_t heads) {
-  check_attention(qkv_in, keep_in, heads, "packed_attention_forward");
+  check_attention(qkv_in, bias_in, keep_in, heads, "packed_attention_forward");
   TORCH_CHECK(keep_in.any(1).all().item<bool>(), "attention_ctr CPU kernels: "
               "packed_attention_forward needs every batch row to keep at least one key");
   const auto qkv = qkv_in.contiguous();
   const auto keep = keep_in.contiguous();
+  const auto bias = bias_in.contiguous();
+  const float* bias_p = bias.numel() ? bias.data_ptr<float>() : nullptr;
   const AttentionShape s(qkv, heads);
   auto out = at::empty({s.batch, s.length, s.width}, qkv.options());
   auto lse = at::empty({s.batch, heads, s.length}, qkv.options());
@@ -1672,7 +1701,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_forward(const at::Tensor& qk
     for (int64_t b = first; b < last; ++b) {
       for (int64_t h = 0; h < heads; ++h) {
         if (b + 1 < last) prefetch_share(x + (b + 1) * s.length * s.stride, s.length * s.stride, h, heads);
-        load_head(s, x, b, h, w);
+        load_head(s, x, bias_p, b, h, w);
         head_scores(s, kept + b * s.length, scale, w);
         // unnormalised probabilities: out's rows are divided by their sums after P V
         for (int64_t i = 0; i < s.queries; i += kLanes) {
@@ -1700,36 +1729,47 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_forward(const at::Tensor& qk
   return {out, lse};
 }
 
-// d qkv [B, S, 3 H D] (qkv's layout) from out's gradient [B, S, H D]: with P recomputed from the
-// scores and the log-sum-exp, dV = P^T dO, dS = P (dP - rowsum(P dP)) / sqrt(D) with
-// dP = dO V^T, dQ = dS K, dK = dS^T Q.
-at::Tensor packed_attention_backward(const at::Tensor& grad_in, const at::Tensor& qkv_in,
-                                     const at::Tensor& keep_in, const at::Tensor& lse_in,
-                                     int64_t heads) {
-  check_attention(qkv_in, keep_in, heads, "packed_attention_backward");
+// d qkv [B, S, 3 H D] (qkv's layout) and d bias [3 H D] (empty without a bias) from out's
+// gradient [B, S, H D]: with P recomputed from the scores and the log-sum-exp, dV = P^T dO,
+// dS = P (dP - rowsum(P dP)) / sqrt(D) with dP = dO V^T, dQ = dS K, dK = dS^T Q. The bias
+// gradient is summed over fixed blocks of batch rows in order (the same for any thread count).
+std::tuple<at::Tensor, at::Tensor> packed_attention_backward(const at::Tensor& grad_in,
+                                                             const at::Tensor& qkv_in,
+                                                             const at::Tensor& bias_in,
+                                                             const at::Tensor& keep_in,
+                                                             const at::Tensor& lse_in,
+                                                             int64_t heads) {
+  check_attention(qkv_in, bias_in, keep_in, heads, "packed_attention_backward");
   check(grad_in, "packed_attention_backward");
   const auto grad = grad_in.contiguous();
   const auto qkv = qkv_in.contiguous();
+  const auto bias = bias_in.contiguous();
   const auto keep = keep_in.contiguous();
   const auto lse = lse_in.contiguous();
   const AttentionShape s(qkv, heads);
   auto d_qkv = at::empty_like(qkv);
+  const int64_t blocks = (s.batch + kAttentionRowsPerBlock - 1) / kAttentionRowsPerBlock;
+  auto partial = at::zeros({blocks, s.stride}, qkv.options());
   const float* x = qkv.data_ptr<float>();
+  const float* bias_p = bias.numel() ? bias.data_ptr<float>() : nullptr;
   const float* g = grad.data_ptr<float>();
   const bool* kept = keep.data_ptr<bool>();
   const float* lse_p = lse.data_ptr<float>();
   float* dx = d_qkv.data_ptr<float>();
+  float* partial_p = partial.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(s.dim));
-  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
     AttentionBuffers w(s);
     std::vector<float> row_lse(s.queries);  // padding queries keep 0
-    for (int64_t b = first; b < last; ++b) {
+    const int64_t last = std::min(s.batch, last_block * kAttentionRowsPerBlock);
+    for (int64_t b = first_block * kAttentionRowsPerBlock; b < last; ++b) {
+      float* sums = partial_p + (b / kAttentionRowsPerBlock) * s.stride;
       for (int64_t h = 0; h < heads; ++h) {
         if (b + 1 < last) {
           prefetch_share(x + (b + 1) * s.length * s.stride, s.length * s.stride, h, heads);
           prefetch_share(g + (b + 1) * s.length * s.width, s.length * s.width, h, heads);
         }
-        load_head(s, x, b, h, w);
+        load_head(s, x, bias_p, b, h, w);
         copy_block(g + b * s.length * s.width + h * s.dim, s.width, s.length, s.dim,
                    w.grad.data(), s.dims);
         transpose_block(w.grad.data(), s.dims, s.length, s.dim, w.grad_t.data(), s.queries);
@@ -1743,10 +1783,11 @@ at::Tensor packed_attention_backward(const at::Tensor& grad_in, const at::Tensor
           }
         }
         float* dst = dx + b * s.length * s.stride + h * s.dim;
+        float* head_sums = sums + h * s.dim;
         // dV = P^T dO
         small_matmul(s.rows, s.length, s.dims, w.st.data(), s.queries, 1, w.grad.data(), s.dims,
                      w.out.data(), s.dims);
-        store_rows(s, w.out.data(), nullptr, dst + 2 * s.width, s.stride);
+        store_gradient_rows(s, w.out.data(), dst + 2 * s.width, s.stride, head_sums + 2 * s.width);
         // dP^T = V dO^T, then dS = P (dP - delta) / sqrt(D), delta = each query's sum of P dP
         small_matmul(s.rows, s.dim, s.queries, w.v.data(), s.dims, 1, w.grad_t.data(),
                      s.queries, w.ds.data(), s.queries);
@@ -1762,14 +1803,14 @@ at::Tensor packed_attention_backward(const at::Tensor& grad_in, const at::Tensor
         // dQ = dS K, dK = dS^T Q
         small_matmul(s.rows, s.length, s.dims, w.ds.data(), 1, s.queries, w.k.data(), s.dims,
                      w.out.data(), s.dims);
-        store_rows(s, w.out.data(), nullptr, dst, s.stride);
+        store_gradient_rows(s, w.out.data(), dst, s.stride, head_sums);
         small_matmul(s.rows, s.length, s.dims, w.ds.data(), s.queries, 1, w.q.data(), s.dims,
                      w.out.data(), s.dims);
-        store_rows(s, w.out.data(), nullptr, dst + s.width, s.stride);
+        store_gradient_rows(s, w.out.data(), dst + s.width, s.stride, head_sums + s.width);
       }
     }
   });
-  return d_qkv;
+  return {d_qkv, bias.numel() ? partial.sum(0) : at::empty({0}, qkv.options())};
 }
 
 // Dropout with a counter-based random mask: each element's uniform is a hash of the seed and its
@@ -1825,9 +1866,10 @@ at::Tensor dropout_backward(const at::Tensor& grad, int64_t threshold, int64_t s
 }
 
 TORCH_LIBRARY(attention_ctr_kernels, m) {
-  m.def("packed_attention_forward(Tensor qkv, Tensor keep, int heads) -> (Tensor, Tensor)");
-  m.def("packed_attention_backward(Tensor grad, Tensor qkv, Tensor keep, Tensor lse, int heads)"
-        " -> Tensor");
+  m.def("packed_attention_forward(Tensor qkv, Tensor bias, Tensor keep, int heads)"
+        " -> (Tensor, Tensor)");
+  m.def("packed_attention_backward(Tensor grad, Tensor qkv, Tensor bias, Tensor keep, Tensor lse,"
+        " int heads) -> (Tensor, Tensor)");
   m.def("dropout_forward(Tensor x, int threshold, int seed) -> Tensor");
   m.def("dropout_backward(Tensor grad, int threshold, int seed) -> Tensor");
   m.def("prelu_head_forward(Tensor x, Tensor w1, Tensor shared, Tensor w_shared, Tensor b1,"
