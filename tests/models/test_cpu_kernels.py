@@ -724,7 +724,8 @@ def _sdpa_reference(qkv, keep, heads):
 def test_packed_attention_matches_sdpa(batch, length, heads, dim):
     """BST's attention kernel against SDPA with the same mask, in values and qkv's gradient,
     for lengths and head sizes on and off its tile sizes; masked keys get exactly zero weight:
-    their contents change nothing, and their q / k / v get no gradient from the other tokens."""
+    their contents change nothing, and their k and v get no gradient."""
+    assert cpu_kernels.available()
     generator = torch.Generator().manual_seed(length)
     qkv = torch.randn(batch, length, 3 * heads * dim, generator=generator, requires_grad=True)
     bias = torch.randn(3 * heads * dim, generator=generator, requires_grad=True)
@@ -754,6 +755,7 @@ def test_packed_attention_matches_sdpa(batch, length, heads, dim):
 
 @needs_kernels
 def test_packed_attention_names_bad_inputs():
+    assert cpu_kernels.available()
     qkv = torch.randn(2, 5, 12)
     keep = torch.ones(2, 5, dtype=torch.bool)
     keep[1] = False
@@ -792,3 +794,54 @@ def test_transformer_block_attention_through_the_kernel_under_bf16_autocast(monk
     assert "FusedPackedAttentionBackward" not in eager_nodes
     torch.testing.assert_close(out, eager_out, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(d_x, eager_d_x, atol=3e-2, rtol=2e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("leaky, residual", [(False, True), (True, False), (False, False)])
+def test_bias_dropout_is_bias_activation_dropout_and_residual_in_one(leaky, residual):
+    """BST's fused Linear epilogue against the same steps one by one (the dropout kernel with
+    the same seed): the same values (to the compiler's fused multiply-adds), the same gradients
+    for the product, the bias and the residual; threshold 0 keeps everything."""
+    assert cpu_kernels.available()
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(37, 21, generator=generator, requires_grad=True)
+    bias = torch.randn(21, generator=generator, requires_grad=True)
+    skip = torch.randn(37, 21, generator=generator, requires_grad=True) if residual else None
+    slope = 0.01 if leaky else None
+    upstream = torch.randn(37, 21, generator=generator)
+    inputs = [z, bias] + ([skip] if residual else [])
+
+    def eager(threshold):
+        y = z + bias
+        y = F.leaky_relu(y, slope) if leaky else y
+        y = cpu_kernels.dropout(y, threshold) if threshold else y
+        return skip + y if residual else y
+
+    for threshold in (0, 3277):
+        torch.manual_seed(5)
+        got = cpu_kernels.bias_dropout(z, bias, threshold, skip, slope)
+        torch.manual_seed(5)
+        want = eager(threshold)
+        assert type(got.grad_fn).__name__ == "FusedBiasDropoutBackward"
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        if threshold:
+            dropped = (got - (skip if residual else 0)) == 0
+            assert 0.05 < dropped.float().mean() < 0.2
+        for a, b in zip(
+            torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)
+        ):
+            torch.testing.assert_close(a, b)
+
+
+@needs_kernels
+def test_transformer_block_trains_through_the_fused_epilogues():
+    from attention_ctr.models.bst import TransformerBlock
+
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 2, 24, dropout=0.1).train()
+    out = block(torch.randn(3, 7, 16), torch.ones(3, 7, dtype=torch.bool))
+    nodes = _graph_nodes(out)
+    assert "FusedBiasDropoutBackward" in nodes and "FusedPackedAttentionBackward" in nodes
+    assert "FusedDropoutBackward" not in nodes
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())

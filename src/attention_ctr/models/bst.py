@@ -68,13 +68,18 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training=True)
-    threshold = round(p * 32768)
+    threshold = dropout_threshold(p, training)
     if cpu_kernels.usable(x):
         return cpu_kernels.dropout(x, threshold)
     draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
     uniforms = draws.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF  # [0, 2^15)
     scale = 32768 / (32768 - threshold)  # 1 / P(keep)
     return x * (uniforms >= threshold).to(x.dtype).mul_(scale)
+
+
+def dropout_threshold(p: float, training: bool) -> int:
+    """`fast_dropout`'s threshold: round(p 2^15), 0 (keep all) outside training."""
+    return round(p * 32768) if training and p > 0.0 else 0
 
 
 def _padding_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -127,6 +132,18 @@ class TransformerBlock(nn.Module):
         scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
         return torch.softmax(scores + _padding_bias(keep, scores.dtype), dim=-1)
 
+    @staticmethod
+    def _fused(
+        linear: nn.Linear,
+        x: Tensor,
+        threshold: int,
+        residual: Tensor | None = None,
+        leaky_slope: float | None = None,
+    ) -> Tensor:
+        """`residual + dropout(act(linear(x)))` through `cpu_kernels.bias_dropout`."""
+        product = F.linear(x, linear.weight)
+        return cpu_kernels.bias_dropout(product, linear.bias, threshold, residual, leaky_slope)
+
     def _attend(self, x: Tensor, keep: Tensor) -> Tensor:
         """Multi-head attention before the output projection: `[B, S, d]`, heads side by side."""
         # Attention itself in float32 even under bf16 autocast: the CPU's bf16 SDPA (and its
@@ -152,6 +169,13 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:
         attended = self._attend(x, keep)
         p, training = self.dropout_p, self.training
+        threshold = dropout_threshold(p, training)
+        if cpu_kernels.usable(x) and not torch.is_autocast_enabled("cpu") and threshold < 32768:
+            # CPU float32 training: each Linear's bias, activation, dropout and residual in one
+            # pass (the Linears multiply without their biases)
+            x = self.norm1(self._fused(self.out, attended, threshold, residual=x))
+            hidden = self._fused(self.feedforward1, x, threshold, leaky_slope=0.01)
+            return self.norm2(self._fused(self.feedforward2, hidden, threshold, residual=x))
         x = self.norm1(x + fast_dropout(self.out(attended), p, training))
         hidden = fast_dropout(F.leaky_relu(self.feedforward1(x)), p, training)
         return self.norm2(x + fast_dropout(self.feedforward2(hidden), p, training))

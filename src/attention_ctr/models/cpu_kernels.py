@@ -20,7 +20,10 @@
   gradient summed in one pass, in id order), and BST's tokens (item, category and position
   vectors in one lookup);
 - Dice in training (weighted batch statistics, one pass forward, two backward);
-- dropout with a counter-based mask regenerated in the backward (BST);
+- dropout with a counter-based mask regenerated in the backward (BST), alone or together with
+  a Linear's bias, a LeakyReLU and a residual (BST's Transformer block: one pass each way
+  instead of the bias copy, activation, dropout and addition, and the bias gradient summed
+  in the backward's pass);
 - BST's multi-head self-attention straight from its packed q | k | v projection, its output in
   the layout the output projection reads and its gradient in the projection's (no head
   transposes, no q / k / v gradient reassembly), the probabilities recomputed in the backward
@@ -347,6 +350,42 @@ def packed_attention(qkv: Tensor, bias: Tensor | None, keep: Tensor, heads: int)
     `keep` `[B, S]` (bool) is False, as `scaled_dot_product_attention` with a `finfo.min` mask;
     every batch row must keep a key."""
     return FusedPackedAttention.apply(qkv, bias, keep, heads)
+
+
+class FusedBiasDropout(torch.autograd.Function):
+    """`residual + dropout(act(z + bias))` in one pass (see `bias_dropout`)."""
+
+    @staticmethod
+    def forward(ctx, z, bias, residual, leaky_slope, threshold, seed):  # type: ignore[override]
+        leaky = leaky_slope is not None
+        ctx.options = (leaky, float(leaky_slope or 0.0), threshold, seed)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(z if leaky else z.new_empty(0), bias)
+        residual = residual if residual is not None else z.new_empty(0)
+        return torch.ops.attention_ctr_kernels.bias_dropout_forward(z, bias, residual, *ctx.options)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        z, bias = ctx.saved_tensors
+        d_z, d_bias = torch.ops.attention_ctr_kernels.bias_dropout_backward(
+            grad, z, bias, *ctx.options
+        )
+        return d_z, d_bias, (grad if ctx.has_residual else None), None, None, None
+
+
+def bias_dropout(
+    z: Tensor,
+    bias: Tensor,
+    threshold: int,
+    residual: Tensor | None = None,
+    leaky_slope: float | None = None,
+) -> Tensor:
+    """`residual + dropout(act(z + bias))` for a Linear's product `z` `[..., C]` and its bias
+    `[C]`: act is LeakyReLU(`leaky_slope`) or none, dropout that of `dropout(x, threshold)`
+    (`threshold` 0: none)."""
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if threshold else 0
+    return FusedBiasDropout.apply(z, bias, residual, leaky_slope, threshold, seed)
 
 
 class FusedPReLUHead(torch.autograd.Function):

@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 #include <tuple>
+#include <type_traits>
 
 namespace {
 
@@ -1865,11 +1866,133 @@ at::Tensor dropout_backward(const at::Tensor& grad, int64_t threshold, int64_t s
   return dropout_apply(grad, threshold, seed, "dropout_backward");
 }
 
+// Rows [begin, end) of bias_dropout_forward, one loop per variant so that each vectorises.
+template <bool kLeaky, bool kResidual>
+void bias_dropout_rows(int64_t begin, int64_t end, int64_t columns, const float* __restrict__ z,
+                       const float* __restrict__ bias, const float* __restrict__ residual,
+                       float slope, uint64_t seed, uint32_t limit, float scale,
+                       float* __restrict__ out) {
+  const uint32_t low = static_cast<uint32_t>(seed), high = static_cast<uint32_t>(seed >> 32);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t offset = r * columns;
+#pragma omp simd
+    for (int64_t c = 0; c < columns; ++c) {
+      const uint32_t i = static_cast<uint32_t>(offset + c);
+      float y = z[offset + c] + bias[c];
+      if (kLeaky) y = y > 0.f ? y : slope * y;
+      const uint32_t uniform = lowbias32(lowbias32(i ^ low) ^ high) >> 17;
+      const float dropped = uniform >= limit ? y * scale : 0.f;
+      out[offset + c] = kResidual ? residual[offset + c] + dropped : dropped;
+    }
+  }
+}
+
+// Rows [first, last) of bias_dropout_backward; adds their bias gradient to sums.
+template <bool kLeaky>
+void bias_dropout_backward_rows(int64_t first, int64_t last, int64_t columns,
+                                const float* __restrict__ grad, const float* __restrict__ z,
+                                const float* __restrict__ bias, float slope, uint64_t seed,
+                                uint32_t limit, float scale, float* __restrict__ d_z,
+                                float* __restrict__ sums) {
+  const uint32_t low = static_cast<uint32_t>(seed), high = static_cast<uint32_t>(seed >> 32);
+  for (int64_t r = first; r < last; ++r) {
+    const int64_t offset = r * columns;
+#pragma omp simd
+    for (int64_t c = 0; c < columns; ++c) {
+      const uint32_t i = static_cast<uint32_t>(offset + c);
+      const uint32_t uniform = lowbias32(lowbias32(i ^ low) ^ high) >> 17;
+      float d = uniform >= limit ? grad[offset + c] * scale : 0.f;
+      if (kLeaky) d = z[offset + c] + bias[c] > 0.f ? d : slope * d;
+      d_z[offset + c] = d;
+      sums[c] += d;
+    }
+  }
+}
+
+// A Linear's bias, an optional LeakyReLU, dropout (the mask of dropout_apply) and an optional
+// residual in one pass: out = residual + dropout(act(z + bias)), z [R, C] the Linear's product
+// (BST's Transformer block: its output projection and feed-forward). The backward is one more
+// pass, which also sums the bias gradient over fixed row blocks. threshold 0 keeps everything.
+at::Tensor bias_dropout_forward(const at::Tensor& z_in, const at::Tensor& bias_in,
+                                const at::Tensor& residual_in, bool leaky, double slope,
+                                int64_t threshold, int64_t seed) {
+  check(z_in, "bias_dropout_forward");
+  check(bias_in, "bias_dropout_forward");
+  TORCH_CHECK(threshold >= 0 && threshold < 32768,
+              "attention_ctr CPU kernels: bias_dropout_forward needs 0 <= threshold < 2^15, got ",
+              threshold);
+  const auto z = z_in.contiguous();
+  const auto bias = bias_in.contiguous();
+  const int64_t columns = z.size(-1), rows = z.numel() / columns;
+  TORCH_CHECK(bias.numel() == columns, "attention_ctr CPU kernels: bias_dropout_forward takes a bias of ",
+              columns, " values, got ", bias.numel());
+  const bool has_residual = residual_in.numel() > 0;
+  at::Tensor residual;
+  if (has_residual) {
+    check(residual_in, "bias_dropout_forward");
+    TORCH_CHECK(residual_in.sizes() == z.sizes(), "attention_ctr CPU kernels: bias_dropout_forward's "
+                "residual ", residual_in.sizes(), " differs from its input ", z.sizes());
+    residual = residual_in.contiguous();
+  }
+  auto out = at::empty_like(z);
+  const float* zp = z.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  const float* rp = has_residual ? residual.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float scale = 32768.f / static_cast<float>(32768 - threshold), negative = static_cast<float>(slope);
+  const uint64_t key = static_cast<uint64_t>(seed);
+  const uint32_t limit = static_cast<uint32_t>(threshold);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    const auto run = [&](auto leaky_tag, auto residual_tag) {
+      bias_dropout_rows<decltype(leaky_tag)::value, decltype(residual_tag)::value>(
+          begin, end, columns, zp, bp, rp, negative, key, limit, scale, op);
+    };
+    if (leaky)
+      rp ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
+    else
+      rp ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
+  });
+  return out;
+}
+
+// -> d z and d bias; `z` is only read with `leaky` (the activation's slope at z + bias). The
+// residual's gradient is the incoming one itself.
+std::tuple<at::Tensor, at::Tensor> bias_dropout_backward(const at::Tensor& grad_in,
+                                                         const at::Tensor& z_in,
+                                                         const at::Tensor& bias_in, bool leaky,
+                                                         double slope, int64_t threshold,
+                                                         int64_t seed) {
+  check(grad_in, "bias_dropout_backward");
+  const auto grad = grad_in.contiguous();
+  const auto z = leaky ? z_in.contiguous() : z_in;
+  const auto bias = bias_in.contiguous();
+  const int64_t columns = grad.size(-1), rows = grad.numel() / columns;
+  auto d_z = at::empty_like(grad);
+  const float* gp = grad.data_ptr<float>();
+  const float* zp = leaky ? z.data_ptr<float>() : nullptr;
+  const float* bp = bias.data_ptr<float>();
+  float* dp = d_z.data_ptr<float>();
+  const float scale = 32768.f / static_cast<float>(32768 - threshold), negative = static_cast<float>(slope);
+  const uint64_t key = static_cast<uint64_t>(seed);
+  const uint32_t limit = static_cast<uint32_t>(threshold);
+  auto d_bias = block_sums(rows, columns, grad.options(), [&](int64_t first, int64_t last, float* sums) {
+    if (leaky)
+      bias_dropout_backward_rows<true>(first, last, columns, gp, zp, bp, negative, key, limit, scale, dp, sums);
+    else
+      bias_dropout_backward_rows<false>(first, last, columns, gp, zp, bp, negative, key, limit, scale, dp, sums);
+  });
+  return {d_z, d_bias};
+}
+
 TORCH_LIBRARY(attention_ctr_kernels, m) {
   m.def("packed_attention_forward(Tensor qkv, Tensor bias, Tensor keep, int heads)"
         " -> (Tensor, Tensor)");
   m.def("packed_attention_backward(Tensor grad, Tensor qkv, Tensor bias, Tensor keep, Tensor lse,"
         " int heads) -> (Tensor, Tensor)");
+  m.def("bias_dropout_forward(Tensor z, Tensor bias, Tensor residual, bool leaky, float slope,"
+        " int threshold, int seed) -> Tensor");
+  m.def("bias_dropout_backward(Tensor grad, Tensor z, Tensor bias, bool leaky, float slope,"
+        " int threshold, int seed) -> (Tensor, Tensor)");
   m.def("dropout_forward(Tensor x, int threshold, int seed) -> Tensor");
   m.def("dropout_backward(Tensor grad, int threshold, int seed) -> Tensor");
   m.def("prelu_head_forward(Tensor x, Tensor w1, Tensor shared, Tensor w_shared, Tensor b1,"
@@ -1911,6 +2034,8 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
   m.impl("packed_attention_forward", &packed_attention_forward);
   m.impl("packed_attention_backward", &packed_attention_backward);
+  m.impl("bias_dropout_forward", &bias_dropout_forward);
+  m.impl("bias_dropout_backward", &bias_dropout_backward);
   m.impl("dropout_forward", &dropout_forward);
   m.impl("dropout_backward", &dropout_backward);
   m.impl("prelu_head_forward", &prelu_head_forward);
