@@ -141,7 +141,7 @@ class TransformerBlock(nn.Module):
         leaky_slope: float | None = None,
     ) -> Tensor:
         """`residual + dropout(act(linear(x)))` through `cpu_kernels.bias_dropout`."""
-        product = F.linear(x, linear.weight)
+        product = F.linear(x, linear.weight).float()
         return cpu_kernels.bias_dropout(product, linear.bias, threshold, residual, leaky_slope)
 
     def _attend(self, x: Tensor, keep: Tensor) -> Tensor:
@@ -170,9 +170,9 @@ class TransformerBlock(nn.Module):
         attended = self._attend(x, keep)
         p, training = self.dropout_p, self.training
         threshold = dropout_threshold(p, training)
-        if cpu_kernels.usable(x) and not torch.is_autocast_enabled("cpu") and threshold < 32768:
-            # CPU float32 training: each Linear's bias, activation, dropout and residual in one
-            # pass (the Linears multiply without their biases)
+        if cpu_kernels.usable(x) and threshold < 32768:
+            # CPU training: each Linear's bias, activation, dropout and residual in one float32
+            # pass (the Linears multiply without their biases, in bf16 under autocast)
             x = self.norm1(self._fused(self.out, attended, threshold, residual=x))
             hidden = self._fused(self.feedforward1, x, threshold, leaky_slope=0.01)
             return self.norm2(self._fused(self.feedforward2, hidden, threshold, residual=x))
