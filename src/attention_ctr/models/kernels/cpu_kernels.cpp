@@ -1556,7 +1556,7 @@ struct AttentionShape {
 };
 
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC would turn the row copy below into one memcpy call per row of a few dozen bytes
+// GCC would turn the row copies below into one memcpy call per row of a few dozen bytes
 #define NO_MEMCPY_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
 #else
 #define NO_MEMCPY_CALLS
@@ -1633,7 +1633,7 @@ void head_scores(const AttentionShape& s, const bool* keep, float scale, Attenti
 }
 
 // The first `dim` columns of out's rows i < length, times factor[i] (or 1), into dst.
-void store_rows(const AttentionShape& s, const float* __restrict__ out,
+NO_MEMCPY_CALLS void store_rows(const AttentionShape& s, const float* __restrict__ out,
                 const float* __restrict__ factor, float* __restrict__ dst, int64_t ld) {
   for (int64_t i = 0; i < s.length; ++i) {
     const float f = factor ? factor[i] : 1.f;
