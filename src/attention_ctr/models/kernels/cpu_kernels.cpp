@@ -1512,12 +1512,14 @@ inline Vec softmax_exp(Vec x) {
 }
 
 // c[i][0:n] = sum_p a(i, p) b[p][0:n] for i < m, with a(i, p) = a[i * a_row + p * a_col] (either
-// layout of a); m a multiple of kTileRows, n of kTileColumns (the buffers are padded).
+// layout of a); m a multiple of kTileRows, n of kLanes (the buffers are padded). Tiles of 4 rows x
+// kTileColumns, and 4 x kLanes for the last columns when n is an odd number of vectors.
 void small_matmul(int64_t m, int64_t k, int64_t n, const float* __restrict__ a, int64_t a_row,
                   int64_t a_col, const float* __restrict__ b, int64_t ldb, float* __restrict__ c,
                   int64_t ldc) {
   for (int64_t i = 0; i < m; i += kTileRows) {
-    for (int64_t j = 0; j < n; j += kTileColumns) {
+    int64_t j = 0;
+    for (; j + kTileColumns <= n; j += kTileColumns) {
       Vec c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
       for (int64_t p = 0; p < k; ++p) {
         const Vec b0 = load_vec(b + p * ldb + j), b1 = load_vec(b + p * ldb + j + kLanes);
@@ -1543,16 +1545,32 @@ void small_matmul(int64_t m, int64_t k, int64_t n, const float* __restrict__ a, 
       store_vec(row + 3 * ldc, c30);
       store_vec(row + 3 * ldc + kLanes, c31);
     }
+    if (j < n) {
+      Vec c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      for (int64_t p = 0; p < k; ++p) {
+        const Vec b0 = load_vec(b + p * ldb + j);
+        const float* column = a + i * a_row + p * a_col;
+        c0 += column[0] * b0;
+        c1 += column[a_row] * b0;
+        c2 += column[2 * a_row] * b0;
+        c3 += column[3 * a_row] * b0;
+      }
+      float* row = c + i * ldc + j;
+      store_vec(row, c0);
+      store_vec(row + ldc, c1);
+      store_vec(row + 2 * ldc, c2);
+      store_vec(row + 3 * ldc, c3);
+    }
   }
 }
 
 struct AttentionShape {
   int64_t batch, length, heads, dim, width, stride;
-  int64_t rows, dims, queries;  // padded: length to kTileRows; dim and length to kTileColumns
+  int64_t rows, dims, queries;  // padded: length to kTileRows; dim and length to kLanes
   AttentionShape(const at::Tensor& qkv, int64_t heads_)
       : batch(qkv.size(0)), length(qkv.size(1)), heads(heads_), dim(qkv.size(2) / 3 / heads_),
         width(qkv.size(2) / 3), stride(qkv.size(2)), rows(round_up(length, kTileRows)),
-        dims(round_up(dim, kTileColumns)), queries(round_up(length, kTileColumns)) {}
+        dims(round_up(dim, kLanes)), queries(round_up(length, kLanes)) {}
 };
 
 #if defined(__GNUC__) && !defined(__clang__)
