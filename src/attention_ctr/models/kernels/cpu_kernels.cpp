@@ -1845,6 +1845,18 @@ inline uint32_t lowbias32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
+// The 15-bit uniform of the element at flat `position` for the seed's halves `low`, `high`.
+inline uint32_t dropout_uniform(uint32_t position, uint32_t low, uint32_t high) {
+  return lowbias32(lowbias32(position ^ low) ^ high) >> 17;
+}
+
+// 1 / P(keep) for a threshold, after checking 0 <= threshold < 2^15.
+float dropout_scale(int64_t threshold, const char* op) {
+  TORCH_CHECK(threshold >= 0 && threshold < 32768, "attention_ctr CPU kernels: ", op,
+              " needs 0 <= threshold < 2^15, got ", threshold);
+  return 32768.f / static_cast<float>(32768 - threshold);
+}
+
 // out[i] = x[i] * scale where element i's uniform >= threshold, else 0, for i in [begin, end).
 void dropout_rows(int64_t begin, int64_t end, const float* __restrict__ x, uint64_t seed,
                   int64_t threshold, float scale, float* __restrict__ out) {
@@ -1852,21 +1864,18 @@ void dropout_rows(int64_t begin, int64_t end, const float* __restrict__ x, uint6
   const uint32_t limit = static_cast<uint32_t>(threshold);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const uint32_t uniform = lowbias32(lowbias32(static_cast<uint32_t>(i) ^ low) ^ high) >> 17;
-    out[i] = uniform >= limit ? x[i] * scale : 0.f;
+    out[i] = dropout_uniform(static_cast<uint32_t>(i), low, high) >= limit ? x[i] * scale : 0.f;
   }
 }
 
 at::Tensor dropout_apply(const at::Tensor& x_in, int64_t threshold, int64_t seed,
                          const char* op) {
   check(x_in, op);
-  TORCH_CHECK(threshold >= 0 && threshold < 32768, "attention_ctr CPU kernels: ", op,
-              " needs 0 <= threshold < 2^15, got ", threshold);
+  const float scale = dropout_scale(threshold, op);
   const auto x = x_in.contiguous();
   auto out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* op_ = out.data_ptr<float>();
-  const float scale = 32768.f / static_cast<float>(32768 - threshold);
   const uint64_t key = static_cast<uint64_t>(seed);
   at::parallel_for(0, (x.numel() + 1023) / 1024, 1, [&](int64_t first, int64_t last) {
     dropout_rows(first * 1024, std::min<int64_t>(x.numel(), last * 1024), xp, key, threshold,
@@ -1895,10 +1904,9 @@ void bias_dropout_rows(int64_t begin, int64_t end, int64_t columns, const float*
     const int64_t offset = r * columns;
 #pragma omp simd
     for (int64_t c = 0; c < columns; ++c) {
-      const uint32_t i = static_cast<uint32_t>(offset + c);
       float y = z[offset + c] + bias[c];
       if (kLeaky) y = y > 0.f ? y : slope * y;
-      const uint32_t uniform = lowbias32(lowbias32(i ^ low) ^ high) >> 17;
+      const uint32_t uniform = dropout_uniform(static_cast<uint32_t>(offset + c), low, high);
       const float dropped = uniform >= limit ? y * scale : 0.f;
       out[offset + c] = kResidual ? residual[offset + c] + dropped : dropped;
     }
@@ -1917,8 +1925,7 @@ void bias_dropout_backward_rows(int64_t first, int64_t last, int64_t columns,
     const int64_t offset = r * columns;
 #pragma omp simd
     for (int64_t c = 0; c < columns; ++c) {
-      const uint32_t i = static_cast<uint32_t>(offset + c);
-      const uint32_t uniform = lowbias32(lowbias32(i ^ low) ^ high) >> 17;
+      const uint32_t uniform = dropout_uniform(static_cast<uint32_t>(offset + c), low, high);
       float d = uniform >= limit ? grad[offset + c] * scale : 0.f;
       if (kLeaky) d = z[offset + c] + bias[c] > 0.f ? d : slope * d;
       d_z[offset + c] = d;
@@ -1936,9 +1943,7 @@ at::Tensor bias_dropout_forward(const at::Tensor& z_in, const at::Tensor& bias_i
                                 int64_t threshold, int64_t seed) {
   check(z_in, "bias_dropout_forward");
   check(bias_in, "bias_dropout_forward");
-  TORCH_CHECK(threshold >= 0 && threshold < 32768,
-              "attention_ctr CPU kernels: bias_dropout_forward needs 0 <= threshold < 2^15, got ",
-              threshold);
+  const float scale = dropout_scale(threshold, "bias_dropout_forward");
   const auto z = z_in.contiguous();
   const auto bias = bias_in.contiguous();
   const int64_t columns = z.size(-1), rows = z.numel() / columns;
@@ -1957,7 +1962,7 @@ at::Tensor bias_dropout_forward(const at::Tensor& z_in, const at::Tensor& bias_i
   const float* bp = bias.data_ptr<float>();
   const float* rp = has_residual ? residual.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const float scale = 32768.f / static_cast<float>(32768 - threshold), negative = static_cast<float>(slope);
+  const float negative = static_cast<float>(slope);
   const uint64_t key = static_cast<uint64_t>(seed);
   const uint32_t limit = static_cast<uint32_t>(threshold);
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
@@ -1990,7 +1995,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_backward(const at::Tensor& grad_
   const float* zp = leaky ? z.data_ptr<float>() : nullptr;
   const float* bp = bias.data_ptr<float>();
   float* dp = d_z.data_ptr<float>();
-  const float scale = 32768.f / static_cast<float>(32768 - threshold), negative = static_cast<float>(slope);
+  const float scale = dropout_scale(threshold, "bias_dropout_backward");
+  const float negative = static_cast<float>(slope);
   const uint64_t key = static_cast<uint64_t>(seed);
   const uint32_t limit = static_cast<uint32_t>(threshold);
   auto d_bias = block_sums(rows, columns, grad.options(), [&](int64_t first, int64_t last, float* sums) {
