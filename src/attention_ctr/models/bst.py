@@ -148,11 +148,12 @@ class TransformerBlock(nn.Module):
         product = F.linear(x, linear.weight).float()
         return cpu_kernels.bias_dropout(product, linear.bias, threshold, residual, leaky_slope)
 
-    def _attend(self, x: Tensor, keep: Tensor) -> Tensor:
-        """Multi-head attention before the output projection: `[B, S, d]`, heads side by side."""
+    def _attend(self, x: Tensor, keep: Tensor, kernels: bool) -> Tensor:
+        """Multi-head attention before the output projection: `[B, S, d]`, heads side by side;
+        `kernels`: CPU training may take the fused kernels (`cpu_kernels.usable`)."""
         # Attention itself in float32 even under bf16 autocast: the CPU's bf16 SDPA (and its
         # casts) made a bf16 training step 1.9x slower than float32; the Linears stay bf16.
-        if cpu_kernels.usable(x) and not (self.training and self.attention_dropout):
+        if kernels and not (self.training and self.attention_dropout):
             # CPU training: straight from the packed projection (the kernel adds its bias), the
             # gradient in its layout
             qkv = F.linear(x, self.qkv.weight).float()
@@ -171,10 +172,11 @@ class TransformerBlock(nn.Module):
         return attended.transpose(1, 2).reshape(x.shape)
 
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        attended = self._attend(x, keep)
+        kernels = cpu_kernels.usable(x)
+        attended = self._attend(x, keep, kernels)
         p, training = self.dropout_p, self.training
         threshold = dropout_threshold(p, training)
-        if cpu_kernels.usable(x) and threshold < 32768:
+        if kernels and threshold < 32768:
             # CPU training: each Linear's bias, activation, dropout and residual in one float32
             # pass (the Linears multiply without their biases, in bf16 under autocast)
             x = self.norm1(self._fused(self.out, attended, threshold, residual=x))

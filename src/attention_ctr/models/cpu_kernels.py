@@ -34,7 +34,7 @@ a given thread count. Under CPU bf16 autocast the recurrences and the head round
 matmuls' operands to bf16 and accumulate in float32 (`bf16_matmuls`); the kernels without
 matmuls compute what eager torch does under autocast.
 
-The build takes about 8 s once per machine and torch version, cached under torch's extensions
+The build takes about 18 s once per machine and torch version, cached under torch's extensions
 directory (`TORCH_EXTENSIONS_DIR`).
 
 Without a C++ compiler, when the build fails, or with `ATTENTION_CTR_CPU_KERNELS=0`, training
@@ -132,7 +132,7 @@ def _load() -> bool:
             ENV_SWITCH,
         )
         return False
-    # the first time on a machine this includes the build (about 10 s), later only the load
+    # the first time on a machine this includes the build (about 18 s), later only the load
     logger.info("Fused CPU kernels ready in %.1f s", time.perf_counter() - started)
     return True
 
@@ -314,11 +314,15 @@ class FusedDropout(torch.autograd.Function):
         return d_x, None, None
 
 
+def _dropout_seed() -> int:
+    """A mask's seed, drawn from torch's generator (seeded runs repeat)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 def dropout(x: Tensor, threshold: int) -> Tensor:
     """`x` with elements dropped where their uniform in [0, 2^15) is below `threshold`, the rest
     scaled by 2^15 / (2^15 - threshold)."""
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    return FusedDropout.apply(x, threshold, seed)
+    return FusedDropout.apply(x, threshold, _dropout_seed())
 
 
 class FusedPackedAttention(torch.autograd.Function):
@@ -384,7 +388,7 @@ def bias_dropout(
     """`residual + dropout(act(z + bias))` for a Linear's product `z` `[..., C]` and its bias
     `[C]`: act is LeakyReLU(`leaky_slope`) or none, dropout that of `dropout(x, threshold)`
     (`threshold` 0: none)."""
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if threshold else 0
+    seed = _dropout_seed() if threshold else 0
     return FusedBiasDropout.apply(z, bias, residual, leaky_slope, threshold, seed)
 
 

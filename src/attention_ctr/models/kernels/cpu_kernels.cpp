@@ -1660,13 +1660,16 @@ NO_MEMCPY_CALLS void store_rows(const AttentionShape& s, const float* __restrict
   }
 }
 
-// The same for a gradient, whose column sums over the rows are also added to sums[0:dim].
+// The same for a gradient (no factor), in the same pass adding its column sums to sums[0:dim].
 void store_gradient_rows(const AttentionShape& s, const float* __restrict__ out,
                          float* __restrict__ dst, int64_t ld, float* __restrict__ sums) {
-  store_rows(s, out, nullptr, dst, ld);
   for (int64_t i = 0; i < s.length; ++i)
 #pragma omp simd
-    for (int64_t d = 0; d < s.dim; ++d) sums[d] += out[i * s.dims + d];
+    for (int64_t d = 0; d < s.dim; ++d) {
+      const float value = out[i * s.dims + d];
+      dst[i * ld + d] = value;
+      sums[d] += value;
+    }
 }
 
 constexpr int64_t kAttentionRowsPerBlock = 8;  // batch rows per block of the bias gradient's sums
