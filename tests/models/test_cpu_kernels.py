@@ -62,10 +62,11 @@ def _states_and_grads(function, inputs, attention, upstream):
 
 @needs_kernels
 @pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
-@pytest.mark.parametrize("batch,length,size", [(37, 9, 5), (64, 1, 16), (3, 50, 64)])
+@pytest.mark.parametrize("batch,length,size", [(37, 9, 5), (64, 1, 16), (3, 50, 64), (600, 4, 8)])
 def test_fused_recurrence_matches_eager(augru, batch, length, size):
     """Same states and gradients (input, W_i, b_i, U, b_h, attention) as the eager version,
-    for batches that are not a multiple of a task's rows and widths that are not a vector's."""
+    for batches that are not a multiple of a task's rows, widths that are not a vector's, and
+    a batch of several chunks per thread (at most 256 rows run a time loop together)."""
     inputs, attention, upstream = _inputs(batch, length, size)
     attention = attention if augru else None
     fused = _states_and_grads(gated_recurrence, inputs, attention, upstream)
@@ -125,7 +126,7 @@ def _per_row_reference(x, weight_ih, bias_ih, weight_hh, bias_hh, attention, len
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
 @pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
-@pytest.mark.parametrize("batch,length,size", [(37, 9, 5), (64, 1, 16), (5, 50, 64)])
+@pytest.mark.parametrize("batch,length,size", [(37, 9, 5), (64, 1, 16), (5, 50, 64), (530, 6, 8)])
 def test_recurrence_with_lengths_stops_each_row_at_its_length(
     kernels, augru, batch, length, size, monkeypatch
 ):
