@@ -2,6 +2,7 @@
 
     python benchmarks/training.py                      # batch 256 and 2048, 1 epoch each
     python benchmarks/training.py --batch-sizes 256 --epochs 2 --models din dien
+    python benchmarks/training.py --models din dien --fast-models --repeats 3  # the ratio
 
 Features come from the real ingestion and feature_engineering pipelines on the synthetic
 default (in a temporary copy of the project); each model is then trained with the project's
@@ -9,11 +10,16 @@ training loop at the fixed size of the targets: history length 50, embedding 32 
 for categories, attention unit 80-40, MLP 200-80. Throughput counts forward, backward and
 optimiser step over whole epochs (batch gathering included). Targets on 2 CPU cores:
 DIN >= 17,000 samples/s, DIEN <= 2.5x DIN's cost per sample, BST >= 5,000 samples/s.
+
+A shared VM's speed drifts by 20% and more within minutes, so one run of DIN then one of DIEN
+can misstate their ratio: `--repeats N` runs every model N times in turn (round-robin) and
+reports each one's median rate, and the ratio from those.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -42,6 +48,12 @@ def main() -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 2048])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every model this many times in turn; report the median rate of each",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
@@ -94,13 +106,16 @@ def main() -> int:
         if args.length_window is None
         else dict.fromkeys(args.models, args.length_window)
     )
-    rates: dict[tuple[str, str, int], float] = {}
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    all_rates: dict[tuple[str, str, int], list[float]] = {}
+    aucs: dict[tuple[str, str, int], float] = {}
     runs = [(name, "eager fp32") for name in args.models] + [
         (name, "compiled bf16" if name in args.compile_models else "bf16")
         for name in args.models
         if name in args.fast_models
     ]
-    for batch_size in args.batch_sizes:
+    for batch_size in [size for _ in range(args.repeats) for size in args.batch_sizes]:
         for name, variant in runs:
             seed_everything(2024)
             model = build_model(name, **sizes, **fixed_size(name))
@@ -121,12 +136,22 @@ def main() -> int:
             )
             _, history = fit(model, train, validation, config)
             rate = float(history["train_samples_per_second"].iloc[-1])
-            rates[(name, variant, batch_size)] = rate
+            all_rates.setdefault((name, variant, batch_size), []).append(rate)
+            aucs[(name, variant, batch_size)] = history["validation_auc"].iloc[args.epochs - 1]
             parameters = sum(p.numel() for p in model.parameters())
             print(
                 f"{name:8s} {variant:14s} {batch_size:6d} {window:6d} {rate:11,.0f} "
-                f"{history['validation_auc'].iloc[args.epochs - 1]:8.4f} {parameters:10,d}",
+                f"{aucs[(name, variant, batch_size)]:8.4f} {parameters:10,d}",
                 flush=True,
+            )
+    rates = {key: statistics.median(values) for key, values in all_rates.items()}
+    if args.repeats > 1:
+        print(f"\nmedian of {args.repeats} runs each (samples/s: every run's)")
+        for (name, variant, batch_size), rate in rates.items():
+            runs_text = ", ".join(f"{r:,.0f}" for r in all_rates[(name, variant, batch_size)])
+            print(
+                f"{name:8s} {variant:14s} {batch_size:6d} {rate:11,.0f} "
+                f"{aucs[(name, variant, batch_size)]:8.4f}  ({runs_text})"
             )
     for batch_size in args.batch_sizes:
         din = {v: r for (m, v, b), r in rates.items() if m == "din" and b == batch_size}
