@@ -847,3 +847,51 @@ def test_transformer_block_trains_through_the_fused_epilogues():
     assert "FusedDropoutBackward" not in nodes
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+
+
+@needs_kernels
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_din_unit_on_real_positions_through_the_kernels_matches_eager(monkeypatch, normalization):
+    """DIN's activation unit on the real positions (the unit input `[h, h * t]` and the
+    per-target term through the kernels) gives the eager scores and gradients, with a sample
+    that has no real position at all and one that has every position."""
+    from attention_ctr.models.layers import DINAttention
+
+    torch.manual_seed(0)
+    unit = DINAttention(6, (5, 4), "dice", normalization).train()
+    history = torch.randn(7, 9, 6)
+    target = torch.randn(7, 6)
+    lengths = torch.tensor([3, 0, 9, 1, 5, 8, 2])
+    mask = torch.arange(9) < lengths[:, None]
+
+    def run():
+        leaves = [history.clone().requires_grad_(), target.clone().requires_grad_()]
+        weights = unit.weights(*leaves, mask)
+        upstream = torch.linspace(-1, 1, weights.numel()).view_as(weights)
+        grads = torch.autograd.grad(weights, leaves + list(unit.parameters()), upstream)
+        return weights, grads
+
+    calls = []
+    original = cpu_kernels.FusedDINUnitInput.apply
+    monkeypatch.setattr(
+        cpu_kernels.FusedDINUnitInput, "apply", lambda *args: calls.append(1) or original(*args)
+    )
+    got, got_grads = run()
+    assert calls, "the kernels' path was not taken"
+    monkeypatch.setattr(cpu_kernels, "_state", {"loaded": False})
+    want, want_grads = run()
+    assert not got[~mask].any()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert not got_grads[0][~mask].any()  # padding rows get no gradient
+
+
+@needs_kernels
+def test_din_unit_kernels_name_an_index_that_is_not_ascending():
+    history, target = torch.randn(2, 3, 4), torch.randn(2, 4)
+    for index in (torch.tensor([0, 2, 1]), torch.tensor([0, 6]), torch.tensor([1, 1])):
+        with pytest.raises(RuntimeError, match=r"din_unit_input_forward's index\[\d\] = "):
+            torch.ops.attention_ctr_kernels.din_unit_input_forward(history, target, index)
+    with pytest.raises(RuntimeError, match="sample_rows_forward's index"):
+        torch.ops.attention_ctr_kernels.sample_rows_forward(target, torch.tensor([5, 4]), 3)

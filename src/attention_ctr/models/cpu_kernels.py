@@ -16,6 +16,9 @@
   rows share (DIEN's h_t, for its positive and negative rows) projected once per block;
 - a gather of (row, position) pairs from strided `[B, L, E]` tensors (DIEN's auxiliary rows)
   and its backward, one pass each;
+- DIN's unit input `[h, h * t]` at the real positions, and a per-sample term repeated over
+  each sample's positions, in one pass each way (no index_select and its sorting scatter, no
+  concatenation, no per-row copies of the target);
 - the item + category lookup of `BehaviorEmbedding` (no concatenation or split; each table's
   gradient summed in one pass, in id order), and BST's tokens (item, category and position
   vectors in one lookup);
@@ -480,6 +483,45 @@ def concat_lookup(tables: list[Tensor], ids: list[Tensor]) -> Tensor:
     """`torch.cat([table[i] for table, i in zip(tables, ids)], -1)` for embedding tables whose
     row 0 is padding (id tensors of one shape)."""
     return FusedConcatLookup.apply(len(tables), *tables, *ids)
+
+
+class FusedDINUnitInput(torch.autograd.Function):
+    """DIN's per-behaviour unit input `[h, h * t]` `[N, 2E]` at the real positions `index`
+    (`b * L + l`, ascending) of history `[B, L, E]` with each sample's target `[B, E]`."""
+
+    @staticmethod
+    def forward(ctx, history, target, index):  # type: ignore[override]
+        ctx.save_for_backward(history, target, index)
+        return torch.ops.attention_ctr_kernels.din_unit_input_forward(history, target, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        history, target, index = ctx.saved_tensors
+        d_history, d_target = torch.ops.attention_ctr_kernels.din_unit_input_backward(
+            grad, history, target, index
+        )
+        return d_history, d_target, None
+
+
+class FusedSampleRows(torch.autograd.Function):
+    """Row `x[index[n] // L]` `[N, A]` of per-sample `x` `[B, A]` for each real position
+    `index[n]` (ascending); the backward sums each sample's rows (no accumulating scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, index, length):  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.batch, ctx.length = x.shape[0], length
+        return torch.ops.attention_ctr_kernels.sample_rows_forward(x, index, length)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        d_x = torch.ops.attention_ctr_kernels.sample_rows_backward(
+            grad, index, ctx.batch, ctx.length
+        )
+        return d_x, None, None
 
 
 class FusedGatherPositions(torch.autograd.Function):

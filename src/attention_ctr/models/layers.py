@@ -544,10 +544,26 @@ class DINAttention(nn.Module):
         if index.numel() == batch * length:  # no padding at all
             hidden = self.first_layer(history, target)
             return self.unit.after_first_linear(hidden).squeeze(-1)
-        rows = history.reshape(-1, dim).index_select(0, index)  # [N, E]
-        owner = torch.div(index, length, rounding_mode="floor")
-        packed = self.unit.after_first_linear(self.first_layer(rows, target, owner)).squeeze(-1)
+        if cpu_kernels.usable(history) and target.dtype == torch.float32:
+            hidden = self._first_layer_at(history, target, index)
+        else:
+            rows = history.reshape(-1, dim).index_select(0, index)  # [N, E]
+            owner = torch.div(index, length, rounding_mode="floor")
+            hidden = self.first_layer(rows, target, owner)
+        packed = self.unit.after_first_linear(hidden).squeeze(-1)
         return packed.new_zeros(batch * length).index_copy(0, index, packed).view(batch, length)
+
+    def _first_layer_at(self, history: Tensor, target: Tensor, index: Tensor) -> Tensor:
+        """`first_layer` on the real positions `index` (ascending `b * L + l`) through the
+        kernels: `[h, h * t]` gathered and multiplied in one pass, and the per-target term
+        repeated over each sample's rows as the matmul's addend -> `[N, hidden[0]]`."""
+        linear = self.unit.linears[0]
+        w_h, w_t, w_d, w_p = linear.weight.split(history.shape[-1], dim=1)
+        per_target = F.linear(target, w_t - w_d, linear.bias)  # [B, hidden[0]]
+        rows = cpu_kernels.FusedDINUnitInput.apply(history, target, index)  # [N, 2E]
+        addend = cpu_kernels.FusedSampleRows.apply(per_target.float(), index, history.shape[1])
+        weight = torch.cat([w_h + w_d, w_p], dim=1)
+        return torch.addmm(addend.to(rows.dtype), rows, weight.t().to(rows.dtype))
 
     def weights(self, history: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """`history` `[B, L, E]`, `target` `[B, E]`, `mask` `[B, L]` -> weights `[B, L]`."""

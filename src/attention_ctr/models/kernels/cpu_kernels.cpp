@@ -2039,7 +2039,183 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_backward(const at::Tensor& grad_
   return {d_z, d_bias};
 }
 
+// DIN's activation unit on the real positions only (layers.DINAttention): `index` [N] holds
+// b * L + l of each real position, ascending (mask.nonzero's order), so sample b's rows are
+// one run [start[b], start[b + 1]). Both ops gather and multiply in one pass, and their
+// backwards write each history row once and sum each sample's run in cache: no accumulating
+// scatter (which sorts on the CPU), no concatenation, no [N, E] copies of the target.
+namespace {
+
+// start [B + 1] of each sample's run; a clear error for an index that is not ascending or
+// outside [0, B * L).
+std::vector<int64_t> sample_runs(const at::Tensor& index, int64_t batch, int64_t length,
+                                 const char* op) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous(),
+              "attention_ctr CPU kernels: ", op, "'s index must be a contiguous int64 [N]");
+  const int64_t count = index.numel();
+  const int64_t* ix = index.data_ptr<int64_t>();
+  for (int64_t n = 0; n < count; ++n) {
+    TORCH_CHECK(ix[n] >= 0 && ix[n] < batch * length && (n == 0 || ix[n] > ix[n - 1]),
+                "attention_ctr CPU kernels: ", op, "'s index[", n, "] = ", ix[n],
+                " is not ascending within [0, B * L = ", batch * length, ")");
+  }
+  std::vector<int64_t> start(batch + 1);
+  int64_t n = 0;
+  for (int64_t b = 0; b <= batch; ++b) {
+    while (n < count && ix[n] < b * length) ++n;
+    start[b] = n;
+  }
+  return start;
+}
+
+// out rows [h, h * t] of one sample's run (t: its target).
+void unit_input_rows(int64_t first, int64_t last, int64_t dim, const int64_t* __restrict__ ix,
+                     const float* __restrict__ history, const float* __restrict__ t,
+                     float* __restrict__ out) {
+  for (int64_t n = first; n < last; ++n) {
+    const float* __restrict__ h = history + ix[n] * dim;
+    float* __restrict__ o = out + n * 2 * dim;
+#pragma omp simd
+    for (int64_t c = 0; c < dim; ++c) {
+      o[c] = h[c];
+      o[dim + c] = h[c] * t[c];
+    }
+  }
+}
+
+// One sample's run of the backward: d_h (rows of d_history, zeroed beforehand) and d_t.
+void unit_input_backward_rows(int64_t first, int64_t last, int64_t dim,
+                              const int64_t* __restrict__ ix, const float* __restrict__ grad,
+                              const float* __restrict__ history, const float* __restrict__ t,
+                              float* __restrict__ d_history, float* __restrict__ d_t) {
+  for (int64_t c = 0; c < dim; ++c) d_t[c] = 0.f;
+  for (int64_t n = first; n < last; ++n) {
+    const float* __restrict__ g = grad + n * 2 * dim;
+    const float* __restrict__ h = history + ix[n] * dim;
+    float* __restrict__ d = d_history + ix[n] * dim;
+#pragma omp simd
+    for (int64_t c = 0; c < dim; ++c) {
+      d[c] = g[c] + g[dim + c] * t[c];
+      d_t[c] += g[dim + c] * h[c];
+    }
+  }
+}
+
+// out[n] = x[b] for every row n of sample b's run.
+void repeat_sample_row(int64_t first, int64_t last, int64_t width, const float* __restrict__ x,
+                       float* __restrict__ out) {
+  for (int64_t n = first; n < last; ++n) std::memcpy(out + n * width, x, width * sizeof(float));
+}
+
+// d_x = the sum of the run's rows of grad.
+void sum_sample_rows(int64_t first, int64_t last, int64_t width, const float* __restrict__ grad,
+                     float* __restrict__ d_x) {
+  for (int64_t c = 0; c < width; ++c) d_x[c] = 0.f;
+  for (int64_t n = first; n < last; ++n) {
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) d_x[c] += grad[n * width + c];
+  }
+}
+
+}  // namespace
+
+// history [B, L, E], target [B, E], index [N] -> [N, 2E] rows [h, h * t] at the real positions.
+at::Tensor din_unit_input_forward(const at::Tensor& history_in, const at::Tensor& target_in,
+                                  const at::Tensor& index) {
+  for (const auto* x : {&history_in, &target_in}) check(*x, "din_unit_input_forward");
+  const auto history = history_in.contiguous();
+  const auto target = target_in.contiguous();
+  TORCH_CHECK(history.dim() == 3 && target.dim() == 2 && target.size(0) == history.size(0) &&
+                  target.size(1) == history.size(2),
+              "attention_ctr CPU kernels: din_unit_input_forward's history [B, L, E] and "
+              "target [B, E] disagree");
+  const int64_t batch = history.size(0), length = history.size(1), dim = history.size(2);
+  const auto start = sample_runs(index, batch, length, "din_unit_input_forward");
+  auto out = at::empty({index.numel(), 2 * dim}, history.options());
+  const int64_t* ix = index.data_ptr<int64_t>();
+  const float *hp = history.data_ptr<float>(), *tp = target.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      unit_input_rows(start[b], start[b + 1], dim, ix, hp, tp + b * dim, op);
+    }
+  });
+  return out;
+}
+
+// -> (dL/dhistory [B, L, E], zero at the other positions; dL/dtarget [B, E]).
+std::tuple<at::Tensor, at::Tensor> din_unit_input_backward(const at::Tensor& grad_in,
+                                                           const at::Tensor& history_in,
+                                                           const at::Tensor& target_in,
+                                                           const at::Tensor& index) {
+  for (const auto* x : {&grad_in, &history_in, &target_in}) check(*x, "din_unit_input_backward");
+  const auto grad = grad_in.contiguous();
+  const auto history = history_in.contiguous();
+  const auto target = target_in.contiguous();
+  const int64_t batch = history.size(0), length = history.size(1), dim = history.size(2);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == index.numel() && grad.size(1) == 2 * dim,
+              "attention_ctr CPU kernels: din_unit_input_backward's grad must be [N, 2E]");
+  const auto start = sample_runs(index, batch, length, "din_unit_input_backward");
+  auto d_history = at::empty_like(history);
+  auto d_target = at::empty_like(target);
+  const int64_t* ix = index.data_ptr<int64_t>();
+  const float *gp = grad.data_ptr<float>(), *hp = history.data_ptr<float>();
+  const float* tp = target.data_ptr<float>();
+  float *dhp = d_history.data_ptr<float>(), *dtp = d_target.data_ptr<float>();
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    std::memset(dhp + begin * length * dim, 0, (end - begin) * length * dim * sizeof(float));
+    for (int64_t b = begin; b < end; ++b) {
+      unit_input_backward_rows(start[b], start[b + 1], dim, ix, gp, hp, tp + b * dim, dhp,
+                               dtp + b * dim);
+    }
+  });
+  return {d_history, d_target};
+}
+
+// x [B, A], index [N] of positions in [B, L] -> [N, A], row n = x[index[n] / L].
+at::Tensor sample_rows_forward(const at::Tensor& x_in, const at::Tensor& index, int64_t length) {
+  check(x_in, "sample_rows_forward");
+  const auto x = x_in.contiguous();
+  TORCH_CHECK(x.dim() == 2, "attention_ctr CPU kernels: sample_rows_forward's x must be [B, A]");
+  const int64_t batch = x.size(0), width = x.size(1);
+  const auto start = sample_runs(index, batch, length, "sample_rows_forward");
+  auto out = at::empty({index.numel(), width}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      repeat_sample_row(start[b], start[b + 1], width, xp + b * width, op);
+    }
+  });
+  return out;
+}
+
+// grad [N, A] -> dL/dx [B, A]: each sample's run summed (in row order: deterministic).
+at::Tensor sample_rows_backward(const at::Tensor& grad_in, const at::Tensor& index, int64_t batch,
+                                int64_t length) {
+  check(grad_in, "sample_rows_backward");
+  const auto grad = grad_in.contiguous();
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == index.numel(),
+              "attention_ctr CPU kernels: sample_rows_backward's grad must be [N, A]");
+  const int64_t width = grad.size(1);
+  const auto start = sample_runs(index, batch, length, "sample_rows_backward");
+  auto d_x = at::empty({batch, width}, grad.options());
+  const float* gp = grad.data_ptr<float>();
+  float* dp = d_x.data_ptr<float>();
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      sum_sample_rows(start[b], start[b + 1], width, gp, dp + b * width);
+    }
+  });
+  return d_x;
+}
+
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("din_unit_input_forward(Tensor history, Tensor target, Tensor index) -> Tensor");
+  m.def("din_unit_input_backward(Tensor grad, Tensor history, Tensor target, Tensor index)"
+        " -> (Tensor, Tensor)");
+  m.def("sample_rows_forward(Tensor x, Tensor index, int length) -> Tensor");
+  m.def("sample_rows_backward(Tensor grad, Tensor index, int batch, int length) -> Tensor");
   m.def("packed_attention_forward(Tensor qkv, Tensor bias, Tensor keep, int heads)"
         " -> (Tensor, Tensor)");
   m.def("packed_attention_backward(Tensor grad, Tensor qkv, Tensor bias, Tensor keep, Tensor lse,"
@@ -2087,6 +2263,10 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
+  m.impl("din_unit_input_forward", &din_unit_input_forward);
+  m.impl("din_unit_input_backward", &din_unit_input_backward);
+  m.impl("sample_rows_forward", &sample_rows_forward);
+  m.impl("sample_rows_backward", &sample_rows_backward);
   m.impl("packed_attention_forward", &packed_attention_forward);
   m.impl("packed_attention_backward", &packed_attention_backward);
   m.impl("bias_dropout_forward", &bias_dropout_forward);
