@@ -14,7 +14,8 @@ weight `l2_weight`, off by default) are the paper's training techniques.
 Two exact speed-ups live in `layers.DINAttention` (tested against the written-out unit): the
 first Linear on the 4E-wide input is computed as a 2E-wide matmul plus a per-sample target
 term, and on CPU the unit runs on the real positions only (padding rows are never computed,
-so they cannot enter Dice's batch statistics either).
+so they cannot enter Dice's batch statistics either; CPU training gathers those rows' input
+and repeats the target term over them in fused kernels, `cpu_kernels`).
 
 Shapes (B batch, L history length, E = 2 * embedding_dim):
     batch["target_item"], batch["target_category"]   [B] int64
