@@ -561,9 +561,9 @@ class DINAttention(nn.Module):
         w_h, w_t, w_d, w_p = linear.weight.split(history.shape[-1], dim=1)
         per_target = F.linear(target, w_t - w_d, linear.bias)  # [B, hidden[0]]
         rows = cpu_kernels.FusedDINUnitInput.apply(history, target, index)  # [N, 2E]
+        # float32 for the kernel (bf16 under autocast, which then rounds addmm's operands)
         addend = cpu_kernels.FusedSampleRows.apply(per_target.float(), index, history.shape[1])
-        weight = torch.cat([w_h + w_d, w_p], dim=1)
-        return torch.addmm(addend.to(rows.dtype), rows, weight.t().to(rows.dtype))
+        return torch.addmm(addend, rows, torch.cat([w_h + w_d, w_p], dim=1).t())
 
     def weights(self, history: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """`history` `[B, L, E]`, `target` `[B, E]`, `mask` `[B, L]` -> weights `[B, L]`."""
