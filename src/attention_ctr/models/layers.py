@@ -507,18 +507,23 @@ class DINAttention(nn.Module):
         per-behaviour matmul is 2E wide instead of 4E and the target part is computed once per
         sample (also what a server scoring many candidates per user can reuse).
         """
-        linear = self.unit.linears[0]
-        w_h, w_t, w_d, w_p = linear.weight.split(history.shape[-1], dim=1)
-        per_target = F.linear(target, w_t - w_d, linear.bias)  # [B, hidden[0]]
+        weight, per_target = self._split_first_layer(target)
         if owner is None:
             t, per_target = target.unsqueeze(1), per_target.unsqueeze(1)
         else:
             t, per_target = target.index_select(0, owner), per_target.index_select(0, owner)
         per_behaviour = F.linear(
-            torch.cat([history, history * t.to(history.dtype)], dim=-1),
-            torch.cat([w_h + w_d, w_p], dim=1),
+            torch.cat([history, history * t.to(history.dtype)], dim=-1), weight
         )
         return per_behaviour + per_target.to(per_behaviour.dtype)
+
+    def _split_first_layer(self, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The first Linear split as in `first_layer`: the per-behaviour weight
+        `[W_h + W_d, W_p]` `[hidden[0], 2E]` and the per-target term `(W_t - W_d) t + b`
+        `[B, hidden[0]]`."""
+        linear = self.unit.linears[0]
+        w_h, w_t, w_d, w_p = linear.weight.split(target.shape[-1], dim=1)
+        return torch.cat([w_h + w_d, w_p], dim=1), F.linear(target, w_t - w_d, linear.bias)
 
     def scores(
         self, history: Tensor, target: Tensor, mask: Tensor, skip_padding: bool | None = None
@@ -557,13 +562,11 @@ class DINAttention(nn.Module):
         """`first_layer` on the real positions `index` (ascending `b * L + l`) through the
         kernels: `[h, h * t]` gathered and multiplied in one pass, and the per-target term
         repeated over each sample's rows as the matmul's addend -> `[N, hidden[0]]`."""
-        linear = self.unit.linears[0]
-        w_h, w_t, w_d, w_p = linear.weight.split(history.shape[-1], dim=1)
-        per_target = F.linear(target, w_t - w_d, linear.bias)  # [B, hidden[0]]
+        weight, per_target = self._split_first_layer(target)
         rows = cpu_kernels.FusedDINUnitInput.apply(history, target, index)  # [N, 2E]
         # float32 for the kernel (bf16 under autocast, which then rounds addmm's operands)
         addend = cpu_kernels.FusedSampleRows.apply(per_target.float(), index, history.shape[1])
-        return torch.addmm(addend, rows, torch.cat([w_h + w_d, w_p], dim=1).t())
+        return torch.addmm(addend, rows, weight.t())
 
     def weights(self, history: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """`history` `[B, L, E]`, `target` `[B, E]`, `mask` `[B, L]` -> weights `[B, L]`."""

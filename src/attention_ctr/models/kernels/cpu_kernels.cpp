@@ -43,7 +43,8 @@ constexpr int64_t kMaxRowsPerChunk = 256;
 int64_t rows_per_chunk(int64_t batch) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t share = (batch + threads - 1) / threads;
-  const int64_t chunks_per_thread = std::max<int64_t>(1, (share + kMaxRowsPerChunk - 1) / kMaxRowsPerChunk);
+  const int64_t chunks_per_thread =
+      std::max<int64_t>(1, (share + kMaxRowsPerChunk - 1) / kMaxRowsPerChunk);  // 1 for B = 0
   const int64_t rows = (share + chunks_per_thread - 1) / chunks_per_thread;
   return (rows + kRowsPerTask - 1) / kRowsPerTask * kRowsPerTask;
 }
@@ -2046,19 +2047,23 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_backward(const at::Tensor& grad_
 // scatter (which sorts on the CPU), no concatenation, no [N, E] copies of the target.
 namespace {
 
-// start [B + 1] of each sample's run; a clear error for an index that is not ascending or
-// outside [0, B * L).
-std::vector<int64_t> sample_runs(const at::Tensor& index, int64_t batch, int64_t length,
-                                 const char* op) {
+// A clear error for an index that is not contiguous int64 [N], ascending, within [0, B * L).
+// The forwards check; their backwards get the same (saved) index back.
+void check_positions(const at::Tensor& index, int64_t batch, int64_t length, const char* op) {
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous(),
               "attention_ctr CPU kernels: ", op, "'s index must be a contiguous int64 [N]");
-  const int64_t count = index.numel();
   const int64_t* ix = index.data_ptr<int64_t>();
-  for (int64_t n = 0; n < count; ++n) {
+  for (int64_t n = 0; n < index.numel(); ++n) {
     TORCH_CHECK(ix[n] >= 0 && ix[n] < batch * length && (n == 0 || ix[n] > ix[n - 1]),
                 "attention_ctr CPU kernels: ", op, "'s index[", n, "] = ", ix[n],
                 " is not ascending within [0, B * L = ", batch * length, ")");
   }
+}
+
+// start [B + 1] of each sample's run of a checked index.
+std::vector<int64_t> sample_runs(const at::Tensor& index, int64_t batch, int64_t length) {
+  const int64_t count = index.numel();
+  const int64_t* ix = index.data_ptr<int64_t>();
   std::vector<int64_t> start(batch + 1);
   int64_t n = 0;
   for (int64_t b = 0; b <= batch; ++b) {
@@ -2130,7 +2135,8 @@ at::Tensor din_unit_input_forward(const at::Tensor& history_in, const at::Tensor
               "attention_ctr CPU kernels: din_unit_input_forward's history [B, L, E] and "
               "target [B, E] disagree");
   const int64_t batch = history.size(0), length = history.size(1), dim = history.size(2);
-  const auto start = sample_runs(index, batch, length, "din_unit_input_forward");
+  check_positions(index, batch, length, "din_unit_input_forward");
+  const auto start = sample_runs(index, batch, length);
   auto out = at::empty({index.numel(), 2 * dim}, history.options());
   const int64_t* ix = index.data_ptr<int64_t>();
   const float *hp = history.data_ptr<float>(), *tp = target.data_ptr<float>();
@@ -2155,7 +2161,7 @@ std::tuple<at::Tensor, at::Tensor> din_unit_input_backward(const at::Tensor& gra
   const int64_t batch = history.size(0), length = history.size(1), dim = history.size(2);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == index.numel() && grad.size(1) == 2 * dim,
               "attention_ctr CPU kernels: din_unit_input_backward's grad must be [N, 2E]");
-  const auto start = sample_runs(index, batch, length, "din_unit_input_backward");
+  const auto start = sample_runs(index, batch, length);
   auto d_history = at::empty_like(history);
   auto d_target = at::empty_like(target);
   const int64_t* ix = index.data_ptr<int64_t>();
@@ -2178,7 +2184,8 @@ at::Tensor sample_rows_forward(const at::Tensor& x_in, const at::Tensor& index, 
   const auto x = x_in.contiguous();
   TORCH_CHECK(x.dim() == 2, "attention_ctr CPU kernels: sample_rows_forward's x must be [B, A]");
   const int64_t batch = x.size(0), width = x.size(1);
-  const auto start = sample_runs(index, batch, length, "sample_rows_forward");
+  check_positions(index, batch, length, "sample_rows_forward");
+  const auto start = sample_runs(index, batch, length);
   auto out = at::empty({index.numel(), width}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -2198,7 +2205,7 @@ at::Tensor sample_rows_backward(const at::Tensor& grad_in, const at::Tensor& ind
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == index.numel(),
               "attention_ctr CPU kernels: sample_rows_backward's grad must be [N, A]");
   const int64_t width = grad.size(1);
-  const auto start = sample_runs(index, batch, length, "sample_rows_backward");
+  const auto start = sample_runs(index, batch, length);
   auto d_x = at::empty({batch, width}, grad.options());
   const float* gp = grad.data_ptr<float>();
   float* dp = d_x.data_ptr<float>();
