@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from model_sizes import SIZES
 
-from attention_ctr.models import DIEN, random_batch
+from attention_ctr.models import DIEN, cpu_kernels, random_batch
 from attention_ctr.models.layers import AUGRUCell
 
 SMALL = {
@@ -91,6 +91,36 @@ def test_auxiliary_loss_uses_the_negative_history():
         model.auxiliary_loss(none), model.auxiliary_loss(none_other_category)
     )
     assert not torch.allclose(model.auxiliary_loss(none), aux)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
+@pytest.mark.parametrize("use_behavior", [False, True])
+def test_auxiliary_terms_looked_up_at_the_valid_pairs_equal_the_dense_grid(
+    monkeypatch, kernels, use_behavior
+):
+    """On CPU the next behaviours are looked up only where behaviour t + 1 is real; the loss
+    and every gradient equal the dense [B, L-1] grid's (what CUDA computes)."""
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "usable", lambda *_, **__: False)
+    b = batch(batch_size=9)
+    b["neg_item"][1, 3] = 0  # a missing negative: no term, whatever its category
+    b["neg_category"][1, 3] = 2
+    assert not bool(b["mask"][:, 1:].all())
+
+    def loss_and_gradients(dense: bool):
+        model = make(use_behavior=use_behavior).train()
+        if dense:
+            monkeypatch.setattr(DIEN, "_auxiliary_pairs", staticmethod(lambda _: None))
+        logits, aux = model.forward_with_auxiliary(b)
+        (logits.sum() + aux).backward()
+        return aux.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    pairs_loss, pairs_grads = loss_and_gradients(dense=False)
+    dense_loss, dense_grads = loss_and_gradients(dense=True)
+    torch.testing.assert_close(pairs_loss, dense_loss)
+    assert pairs_grads.keys() == dense_grads.keys()
+    for name in dense_grads:
+        torch.testing.assert_close(pairs_grads[name], dense_grads[name], msg=name)
 
 
 def test_auxiliary_loss_without_any_next_behaviour_is_zero():

@@ -103,10 +103,24 @@ class DIEN(CTRModel):
 
     # -- pieces ---------------------------------------------------------------------------
     def _extract(self, batch: Batch, negatives: bool = False):
-        """-> target `[B, E]`, history `[B, L, E]`, negative history `[B, L, E]` (or None),
-        extractor states `[B, L, H]`."""
-        target, history, negative = self.embedding.lookup(batch, negatives=negatives)
-        return target, history, negative, self._interest_states(history, batch["mask"])
+        """-> target `[B, E]`, history `[B, L, E]`, the auxiliary loss's next behaviours (None
+        without `negatives`; see `_auxiliary_pairs`), extractor states `[B, L, H]`."""
+        pairs = self._auxiliary_pairs(batch) if negatives else None
+        at = None if pairs is None else (pairs[0], pairs[1] + 1)  # behaviour t + 1
+        target, history, following = self.embedding.lookup(batch, negatives, pairs_at=at)
+        states = self._interest_states(history, batch["mask"])
+        return target, history, (pairs, following), states
+
+    @staticmethod
+    def _auxiliary_pairs(batch: Batch) -> tuple[Tensor, Tensor] | None:
+        """(row, t) `[N]` each of the auxiliary terms that count (behaviour t + 1 is real) on
+        CPU, where only those are computed: their next behaviours e_{t+1}, ê_{t+1} are looked
+        up there, `[2, N, E]`. None elsewhere (or when all count): the dense `[B, L-1]` grid,
+        from the negative history `[B, L, E]`, with zero weights on the rest."""
+        valid = batch["mask"][:, 1:]
+        if valid.device.type != "cpu" or bool(valid.all()):
+            return None
+        return valid.nonzero(as_tuple=True)
 
     def _interest_states(self, history: Tensor, mask: Tensor | None = None) -> Tensor:
         """Interest extractor: the GRU's hidden states `[B, L, H]` over the padded history.
@@ -150,23 +164,25 @@ class DIEN(CTRModel):
         features = torch.cat([final, target, masked_mean(history, mask)], dim=-1)
         return self.mlp(features).squeeze(-1).float()
 
-    def _auxiliary(self, batch: Batch, history: Tensor, negative: Tensor, states: Tensor) -> Tensor:
+    def _auxiliary(self, batch: Batch, history: Tensor, following: tuple, states: Tensor) -> Tensor:
         """aux_weight * mean over valid t of BCE(h_t vs e_{t+1}, 1) + BCE(h_t vs ê_{t+1}, 0).
 
-        Valid t: behaviour t + 1 is real. On CPU only those pairs are computed (gathered into
-        rows), elsewhere the dense `[B, L-1]` grid with zero weights on the rest.
+        Valid t: behaviour t + 1 is real. `following` is `_extract`'s (pairs, vectors): on CPU
+        only the valid pairs are computed (their next behaviours looked up at them, the states
+        gathered), elsewhere the dense `[B, L-1]` grid with zero weights on the rest.
         """
+        pairs, next_vectors = following
         valid = batch["mask"][:, 1:]  # t + 1 is a real behaviour (then so is t)
         valid_negative = valid & (batch["neg_item"][:, 1:] != 0)
         weights = torch.stack([valid, valid_negative]).float()  # [2, B, L-1]
-        if history.device.type == "cpu" and not bool(valid.all()):
-            row, step = valid.nonzero(as_tuple=True)
+        if pairs is not None:
+            row, step = pairs
             state = gather_positions([states], row, step)[0]  # [N, H]
-            next_behaviours = gather_positions([history, negative], row, step + 1)  # [2, N, E]
+            next_behaviours = next_vectors  # [2, N, E]
             weights = weights[:, row, step]  # [2, N]
         else:
             state = states[:, :-1]
-            next_behaviours = torch.stack([history[:, 1:], negative[:, 1:]])
+            next_behaviours = torch.stack([history[:, 1:], next_vectors[:, 1:]])
         # aux_net on [h_t, e_{t+1}] and [h_t, ê_{t+1}]; its first Linear is split as
         # W [h, e] + b = W_h h + W_e e + b so the h_t part is computed once for both.
         first = self.aux_net.linears[0]
@@ -191,17 +207,17 @@ class DIEN(CTRModel):
     def forward_with_auxiliary(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         """-> (logits `[B]`, aux_weight * auxiliary loss, or None when aux_weight == 0)."""
         with_aux = bool(self.aux_weight)
-        target, history, negative, states = self._extract(batch, negatives=with_aux)
+        target, history, following, states = self._extract(batch, negatives=with_aux)
         logits = self._logits(batch["mask"], target, history, states)
-        aux = self._auxiliary(batch, history, negative, states) if with_aux else None
+        aux = self._auxiliary(batch, history, following, states) if with_aux else None
         return logits, aux
 
     def auxiliary_loss(self, batch: Batch) -> Tensor | None:
         """aux_weight * auxiliary loss (scalar), None when aux_weight == 0."""
         if not self.aux_weight:
             return None
-        _, history, negative, states = self._extract(batch, negatives=True)
-        return self._auxiliary(batch, history, negative, states)
+        _, history, following, states = self._extract(batch, negatives=True)
+        return self._auxiliary(batch, history, following, states)
 
     def forward(self, batch: Batch) -> Tensor:
         """-> logits `[B]` (needs no negative history)."""

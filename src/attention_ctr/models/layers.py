@@ -91,22 +91,37 @@ class BehaviorEmbedding(nn.Module):
         """`[...]` item and category ids -> `[..., E]` behaviour vectors."""
         return torch.cat([self.item_embedding(item), self.category_embedding(category)], dim=-1)
 
-    def lookup(self, batch: Batch, negatives: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Target `[B, E]`, history `[B, L, E]` and (with `negatives`) DIEN's negative history
-        `[B, L, E]`, from ONE lookup per table: one dense gradient per table per step instead
-        of one per lookup (on CPU each is a zeroed n_items x embedding_dim tensor). Float32
-        CPU training runs it in the fused kernels (`cpu_kernels.pair_lookup`).
+    def lookup(
+        self,
+        batch: Batch,
+        negatives: bool = False,
+        pairs_at: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Target `[B, E]`, history `[B, L, E]` and, with `negatives`, DIEN's negative history
+        `[B, L, E]`; or, given `pairs_at` (row, position) `[N]` each, of real positions only,
+        the history's and the negative history's vectors at just those positions `[2, N, E]`
+        (DIEN's auxiliary terms, looked up where they are used instead of densely then
+        gathered). ONE lookup per table: one dense gradient per table per step instead of one
+        per lookup (on CPU each is a zeroed n_items x embedding_dim tensor). Float32 CPU
+        training runs it in the fused kernels (`cpu_kernels.pair_lookup`).
 
         Padded positions read as id 0, whatever they hold; so do missing negatives (id 0).
         """
         mask = batch["mask"]
-        length = mask.shape[1]
         items = [batch["target_item"].unsqueeze(1), batch["hist_item"].masked_fill(~mask, 0)]
         categories = [
             batch["target_category"].unsqueeze(1),
             batch["hist_category"].masked_fill(~mask, 0),
         ]
-        if negatives:
+        if pairs_at is not None:  # real positions: only missing negatives to mask
+            row, position = pairs_at
+            negative = batch["neg_item"][row, position]
+            negative_category = batch["neg_category"][row, position].masked_fill(negative == 0, 0)
+            items.append(torch.stack([batch["hist_item"][row, position], negative]))
+            categories.append(
+                torch.stack([batch["hist_category"][row, position], negative_category])
+            )
+        elif negatives:
             real = mask & (batch["neg_item"] != 0)
             items.append(batch["neg_item"].masked_fill(~real, 0))
             categories.append(batch["neg_category"].masked_fill(~real, 0))
@@ -116,15 +131,23 @@ class BehaviorEmbedding(nn.Module):
             # and the concatenations cost DIEN ~4 ms a step)
             pieces = cpu_kernels.pair_lookup(item_table, category_table, items, categories)
         else:
-            vectors = self.items(torch.cat(items, dim=1), torch.cat(categories, dim=1))
+            flat = [ids.reshape(-1) for ids in items], [ids.reshape(-1) for ids in categories]
+            vectors = self.items(torch.cat(flat[0]), torch.cat(flat[1]))
             # split, not slicing: its backward concatenates the pieces' gradients in one pass
             # instead of zero-filling a full-size gradient for each slice and adding them up
-            pieces = vectors.split([1, length, length] if negatives else [1, length], dim=1)
+            pieces = [
+                piece.view(*ids.shape, self.dim)
+                for piece, ids in zip(vectors.split([ids.numel() for ids in items]), items)
+            ]
         target, history = pieces[0].squeeze(1), pieces[1]
+        third = pieces[2] if len(pieces) > 2 else None
         if self.behavior_embedding is not None:
             behavior = batch["hist_behavior"].masked_fill(~mask, 0)
             history = history + self.behavior_embedding(behavior)
-        return target, history, pieces[2] if negatives else None
+            if pairs_at is not None:  # the history's vectors carry their behaviour type
+                positive = third[0] + self.behavior_embedding(behavior[pairs_at])
+                third = torch.stack([positive, third[1]])
+        return target, history, third
 
     def target(self, batch: Batch) -> Tensor:
         """`[B, E]` target vectors."""
