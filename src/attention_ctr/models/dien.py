@@ -177,7 +177,7 @@ class DIEN(CTRModel):
         weights = torch.stack([valid, valid_negative]).float()  # [2, B, L-1]
         if pairs is not None:
             row, step = pairs
-            state = gather_positions([states], row, step)[0]  # [N, H]
+            state = gather_positions([states], row, step).squeeze(0)  # [N, H] (a view)
             next_behaviours = next_vectors  # [2, N, E]
             weights = weights[:, row, step]  # [2, N]
         else:
