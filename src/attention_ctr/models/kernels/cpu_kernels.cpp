@@ -15,8 +15,10 @@
 // results are reproducible for a given thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // streaming stores (stream_floats); elsewhere plain copies
+#endif
 
 #include <algorithm>
 #include <cmath>
