@@ -131,8 +131,10 @@ class BehaviorEmbedding(nn.Module):
             # and the concatenations cost DIEN ~4 ms a step)
             pieces = cpu_kernels.pair_lookup(item_table, category_table, items, categories)
         else:
-            flat = [ids.reshape(-1) for ids in items], [ids.reshape(-1) for ids in categories]
-            vectors = self.items(torch.cat(flat[0]), torch.cat(flat[1]))
+            vectors = self.items(
+                torch.cat([ids.reshape(-1) for ids in items]),
+                torch.cat([ids.reshape(-1) for ids in categories]),
+            )
             # split, not slicing: its backward concatenates the pieces' gradients in one pass
             # instead of zero-filling a full-size gradient for each slice and adding them up
             pieces = [

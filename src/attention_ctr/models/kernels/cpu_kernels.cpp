@@ -294,7 +294,7 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
                   const float* __restrict__ hidden, const float* __restrict__ bias_hh,
                   const float* __restrict__ attention, float* __restrict__ states,
                   float* __restrict__ saved, float* __restrict__ output,
-                  float* __restrict__ staged) {
+                  float* __restrict__ gates_row) {
   const int64_t gates = 3 * size;
   const bool augru = attention != nullptr;
   for (int64_t p = begin; p < end; ++p) {
@@ -307,7 +307,6 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
     float* __restrict__ out = output ? output + (b * length + t) * size : nullptr;
     if (out && t + 1 < length) prefetch_floats(out + size, size, true);  // its next step
     const float a = augru ? attention[b * length + t] : 0.f;
-    float* __restrict__ gates_row = staged;  // the row's saved gates [4H], then streamed
 #pragma omp simd
     for (int64_t j = 0; j < size; ++j) {
       const float reset = fast_sigmoid(x[j] + bias_ih[j] + g[j] + bias_hh[j]);
@@ -325,7 +324,7 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
       h_next[j] = next;
       if (out) out[j] = next;
     }
-    stream_floats(s, gates_row, 4 * size);
+    stream_floats(s, gates_row, 4 * size);  // staged in gates_row [4H], then streamed out
   }
   stream_fence();
 }
@@ -469,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
   // Rows are independent: each chunk runs the whole time loop on its own rows (its matmuls
   // single-threaded inside the parallel region), with no synchronisation between steps.
   at::parallel_for(0, (batch + chunk - 1) / chunk, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> staged(4 * size);
+    std::vector<float> gates_row(4 * size);  // one row's saved gates, before streaming
     for (int64_t c = first; c < last; ++c) {
       const int64_t begin = c * chunk, end = std::min(batch, begin + chunk);
       int64_t running = end - begin;
@@ -493,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
           mixed_gemm(bf16, false, true, rows, gates, size, h_t, h_t16, size, u, u16.data(), size,
                      0.f, g + begin * gates, gates);
           forward_rows(begin, begin + running, t, batch, length, size, o, p, bi, g, bh, a, h, s,
-                       final_only ? nullptr : out, staged.data());
+                       final_only ? nullptr : out, gates_row.data());
         }
         if (final_only) continue;
         for (int64_t q = begin + running; q < end; ++q) {  // ended rows keep their last state
@@ -2147,11 +2146,8 @@ void repeat_sample_row(int64_t first, int64_t last, int64_t width, const float* 
 // d_x = the sum of the run's rows of grad.
 void sum_sample_rows(int64_t first, int64_t last, int64_t width, const float* __restrict__ grad,
                      float* __restrict__ d_x) {
-  for (int64_t c = 0; c < width; ++c) d_x[c] = 0.f;
-  for (int64_t n = first; n < last; ++n) {
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c) d_x[c] += grad[n * width + c];
-  }
+  if (first == last) std::memset(d_x, 0, width * sizeof(float));
+  for (int64_t n = first; n < last; ++n) add_into(width, grad + n * width, d_x, n == first);
 }
 
 }  // namespace
