@@ -402,10 +402,15 @@ def test_dice_layer_trains_through_the_kernels():
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "FusedDiceBackward"
 
 
-def _assert_prints_same_without_blas(script):
-    """Runs `script` in a fresh process with the kernels' BLAS and MKL matmuls switched off
-    (the choice is made once per process): it must print "same"."""
-    environment = dict(os.environ, ATTENTION_CTR_KERNELS_ATEN_GEMM="1")
+# The kernels' matmul backends below their default (oneDNN's brgemm where it runs), each forced
+# by a switch that is read once per process.
+WITHOUT_BRGEMM = "ATTENTION_CTR_KERNELS_NO_BRGEMM"  # BLAS (MKL's sgemm)
+WITHOUT_BLAS = "ATTENTION_CTR_KERNELS_ATEN_GEMM"  # ATen's matmuls, as with no BLAS at all
+
+
+def _assert_prints_same_without_blas(script, switch=WITHOUT_BLAS):
+    """Runs `script` in a fresh process with `switch` set: it must print "same"."""
+    environment = dict(os.environ, **{switch: "1"})
     finished = subprocess.run(
         [sys.executable, "-c", script],
         env=environment,
@@ -419,9 +424,11 @@ def _assert_prints_same_without_blas(script):
 
 
 @needs_kernels
-def test_recurrence_kernels_without_blas_go_through_aten():
-    """Where torch exposes no BLAS sgemm, the kernels' matmuls run through ATen: the same
-    results (run in a fresh process, as the choice is made once per process)."""
+@pytest.mark.parametrize("switch", [WITHOUT_BRGEMM, WITHOUT_BLAS], ids=["blas", "aten"])
+def test_recurrence_kernels_on_every_matmul_backend(switch):
+    """Where brgemm does not run, the kernels' matmuls go to BLAS's sgemm, and where torch
+    exposes no BLAS either, through ATen: the recurrences and the auxiliary head give the
+    same results (in a fresh process each, as the choice is made once per process)."""
     script = """
 import torch
 from attention_ctr.models import cpu_kernels
@@ -438,9 +445,11 @@ for a in (None, attention):
     torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=1e-5)
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
+for tiles in (0, 2):
+    t.test_fused_prelu_head_matches_eager(tiles)
 print("same")
 """
-    _assert_prints_same_without_blas(script)
+    _assert_prints_same_without_blas(script, switch)
 
 
 @needs_kernels

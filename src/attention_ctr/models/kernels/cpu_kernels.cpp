@@ -2,8 +2,8 @@
 //
 // Recurrence: rows are independent, so each thread of torch's own pool (at::parallel_for) runs
 // the whole time loop for its share of the batch (in chunks of up to 256 rows, which keep a
-// step's working set in L2): per step two MKL matmuls on those rows (the
-// input projection W_i x_t and U h_{t-1}) plus ONE pass that computes every gate, the new state
+// step's working set in L2): per step two matmuls on those rows (the input projection
+// W_i x_t and U h_{t-1}; oneDNN's brgemm micro-kernels, see `gemm`) plus ONE pass that computes every gate, the new state
 // and what the backward needs; the backward takes the input's and the weights' gradient terms
 // step by step while they are in cache, so no [B, L, 3H] tensor is ever written. Given the
 // rows' lengths, a row stops at its own (its later outputs repeat its last state): rows are
@@ -15,6 +15,7 @@
 // results are reproducible for a given thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>  // brgemm: oneDNN's small-matmul micro-kernels
 #include <torch/library.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  // streaming stores (stream_floats); elsewhere plain copies
@@ -93,19 +94,79 @@ extern "C" void gemm_bf16bf16f32(const char* transa, const char* transb, const i
 
 namespace {
 
-// Row-major C [m, n] = op(A) op(B) + beta C, op(A) [m, k] (A^T of a [k, m] A with trans_a),
-// op(B) [k, n], row strides lda, ldb, ldc. The recurrences call this hundreds of times per
-// step on a thread's rows: straight to BLAS it skips ATen's tensor views and dispatch (~4 us
-// of a ~20 us call at [128, 64] x [64, 192]).
 // ATTENTION_CTR_KERNELS_ATEN_GEMM=1 takes the ATen paths even where BLAS is found (tests).
 bool blas_switched_off() {
   static const bool off = std::getenv("ATTENTION_CTR_KERNELS_ATEN_GEMM") != nullptr;
   return off;
 }
 
+// Whether ATen's float32 brgemm (oneDNN's JIT micro-kernels, chosen by the CPU's instruction
+// set) runs here: x86 builds of torch with oneDNN's ukernel API; it throws elsewhere.
+// ATTENTION_CTR_KERNELS_NO_BRGEMM=1 keeps the matmuls on BLAS (tests, comparisons).
+bool brgemm_available() {
+  static const bool available = [] {
+    if (std::getenv("ATTENTION_CTR_KERNELS_NO_BRGEMM") != nullptr || blas_switched_off()) {
+      return false;
+    }
+    try {
+      const float a[4] = {1, 2, 3, 4}, identity[4] = {1, 0, 0, 1};
+      float c[4] = {0, 0, 0, 0};
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, identity, c, false);
+      return c[0] == 1 && c[1] == 2 && c[2] == 3 && c[3] == 4;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return available;
+}
+
+// dst [columns, rows] (contiguous) = the transpose of src [rows, columns] (row stride ld).
+void transpose_into(const float* __restrict__ src, int64_t rows, int64_t columns, int64_t ld,
+                    float* __restrict__ dst) {
+  constexpr int64_t kTile = 16;  // both sides of a tile stay in L1
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r1 = std::min(rows, r0 + kTile);
+    for (int64_t c0 = 0; c0 < columns; c0 += kTile) {
+      const int64_t c1 = std::min(columns, c0 + kTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * ld + c];
+      }
+    }
+  }
+}
+
+// The calling thread's scratch buffer `slot` (0 or 1), at least `count` floats.
+float* thread_scratch(int slot, int64_t count) {
+  thread_local std::vector<float> buffers[2];
+  auto& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
+// Row-major C [m, n] = op(A) op(B) + beta C, op(A) [m, k] (A^T of a [k, m] A with trans_a),
+// op(B) [k, n], row strides lda, ldb, ldc. The recurrences call this hundreds of times per
+// step on a thread's rows, single-threaded, so it skips ATen's tensor views and dispatch (~4 us
+// of a ~20 us call at [128, 64] x [64, 192]): brgemm where it runs (beta 0 or 1), else BLAS.
+// brgemm takes no transposes: a transposed operand is copied first, so the hot paths pass
+// weights already transposed (`transposed`). MKL's sgemm ran these shapes at ~90 GFLOP/s per
+// core on an AMD EPYC (Zen 5: MKL takes its AVX2 code off Intel), brgemm at ~215.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (k > 0 && (beta == 0.f || beta == 1.f) && brgemm_available()) {
+    if (trans_a) {  // stored [k, m]
+      float* copy = thread_scratch(0, m * k);
+      transpose_into(a, k, m, lda, copy);
+      a = copy, lda = k;
+    }
+    if (trans_b) {  // stored [n, k]
+      float* copy = thread_scratch(1, k * n);
+      transpose_into(b, n, k, ldb, copy);
+      b = copy, ldb = n;
+    }
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, beta == 1.f, a, b, c, false);
+    return;
+  }
   static const bool use_blas = sgemm_ != nullptr && !blas_switched_off();
   if (use_blas) {  // BLAS is column-major: C^T = op(B)^T op(A)^T
     const int rows = static_cast<int>(n), columns = static_cast<int>(m);
@@ -197,6 +258,9 @@ void to_bf16_rows(int64_t n, int64_t padded, int64_t width, const float* __restr
 uint16_t* bf16_row(std::vector<uint16_t>& buffer, int64_t row, int64_t width) {
   return buffer.empty() ? nullptr : buffer.data() + row * width;
 }
+
+// A weight [r, c] as a contiguous [c, r]: the right-hand operand of x W^T without a transpose.
+at::Tensor transposed(const at::Tensor& weight) { return weight.t().contiguous(); }
 
 // A contiguous tensor's bf16 copy (empty unless bf16): a weight, rounded once per call.
 std::vector<uint16_t> bf16_copy(const at::Tensor& x, bool bf16) {
@@ -449,13 +513,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
   auto projected = at::empty({batch, gates}, x.options());  // one step's W_i x_t
   auto hidden = at::empty({batch, gates}, x.options());     // one step's U h_{t-1}
   auto x_rows = at::empty({batch, inputs}, x.options());    // one step's inputs, in order
-  const auto wi16 = bf16_copy(weight_ih, bf16), u16 = bf16_copy(weight, bf16);
+  const auto wi_t = transposed(weight_ih), u_t = transposed(weight);  // [I, 3H], [H, 3H]
+  const auto wi16 = bf16_copy(wi_t, bf16), u16 = bf16_copy(u_t, bf16);
   std::vector<uint16_t> x16(bf16 ? batch * inputs : 0), h16(bf16 ? batch * size : 0);
   const int64_t* o = order.data_ptr<int64_t>();
   const float* xp = x.data_ptr<float>();
   const int64_t x_row = x.stride(0), x_step = x.stride(1);
-  const float* wi = weight_ih.data_ptr<float>();
-  const float* u = weight.data_ptr<float>();
+  const float* wi = wi_t.data_ptr<float>();
+  const float* u = u_t.data_ptr<float>();
   float* p = projected.data_ptr<float>();
   const float* bi = bias_ih.data_ptr<float>();
   float* g = hidden.data_ptr<float>();
@@ -487,9 +552,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
             to_bf16_rows(running, rows, inputs, x_t, x_t16);
             to_bf16_rows(running, rows, size, h_t, h_t16);
           }
-          mixed_gemm(bf16, false, true, rows, gates, inputs, x_t, x_t16, inputs, wi, wi16.data(),
-                     inputs, 0.f, p + begin * gates, gates);
-          mixed_gemm(bf16, false, true, rows, gates, size, h_t, h_t16, size, u, u16.data(), size,
+          mixed_gemm(bf16, false, false, rows, gates, inputs, x_t, x_t16, inputs, wi, wi16.data(),
+                     gates, 0.f, p + begin * gates, gates);
+          mixed_gemm(bf16, false, false, rows, gates, size, h_t, h_t16, size, u, u16.data(), gates,
                      0.f, g + begin * gates, gates);
           forward_rows(begin, begin + running, t, batch, length, size, o, p, bi, g, bh, a, h, s,
                        final_only ? nullptr : out, gates_row.data());
@@ -1323,28 +1388,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prelu_head_forward(
     check(*t, "prelu_head_forward");
   }
   const auto x = x_in.contiguous();
-  const auto w1 = bf16 ? w1_in.contiguous() : unit_last_stride(w1_in);
-  const auto w2 = w2_in.contiguous();
   const auto shared = shared_in.contiguous();
   const bool has_shared = shared.numel() > 0;
-  const auto w_shared = bf16 || !has_shared ? w_shared_in.contiguous() : unit_last_stride(w_shared_in);
-  const int64_t rows = x.size(0), inputs = x.size(1), first = w1.size(0), second = w2.size(0);
+  // the weights transposed: x W^T then needs no transposed operand (see gemm)
+  const auto w1 = transposed(w1_in), w2 = transposed(w2_in);  // [E, A], [A, C]
+  const auto w_shared = has_shared ? transposed(w_shared_in) : w_shared_in;  // [S, A]
+  const int64_t rows = x.size(0), inputs = x.size(1), first = w1.size(1), second = w2.size(1);
   const int64_t period = has_shared ? shared.size(0) : rows;  // rows of one tile
   const int64_t shared_width = has_shared ? shared.size(1) : 0;
-  TORCH_CHECK(w1.size(1) == inputs && w2.size(1) == first && w_out.numel() == second &&
+  TORCH_CHECK(w1.size(0) == inputs && w2.size(0) == first && w_out.numel() == second &&
                   b1.numel() == first && s1.numel() == first && b2.numel() == second &&
                   s2.numel() == second && (period > 0 ? rows % period == 0 : rows == 0) &&
-                  (!has_shared || (w_shared.size(0) == first && w_shared.size(1) == shared_width)),
+                  (!has_shared || (w_shared.size(1) == first && w_shared.size(0) == shared_width)),
               "attention_ctr CPU kernels: prelu_head_forward's shapes disagree");
   const int64_t tiles = period ? rows / period : 0, tasks = (period + kHeadRows - 1) / kHeadRows;
   auto logits = at::empty({rows, 1}, x.options());
   auto h1 = at::empty({rows, first}, x.options());
   auto h2 = at::empty({rows, second}, x.options());
   const float *xp = x.data_ptr<float>(), *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
-  const int64_t ld_w1 = w1.stride(0);
   const float* sp = has_shared ? shared.data_ptr<float>() : nullptr;
   const float* wsp = has_shared ? w_shared.data_ptr<float>() : nullptr;
-  const int64_t ld_ws = has_shared ? w_shared.stride(0) : 0;
   const float *b1p = b1.data_ptr<float>(), *s1p = s1.data_ptr<float>();
   const float *b2p = b2.data_ptr<float>(), *s2p = s2.data_ptr<float>();
   const float* wo = w_out.data_ptr<float>();
@@ -1370,19 +1433,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prelu_head_forward(
       const int64_t m = bf16 ? kHeadRows : n;
       if (has_shared) {
         if (bf16) to_bf16_rows(n, m, shared_width, sp + i0 * shared_width, shared16);
-        mixed_gemm(bf16, false, true, m, first, shared_width, sp + i0 * shared_width, shared16,
-                   shared_width, wsp, ws_16.data(), ld_ws, 0.f, a, first);
+        mixed_gemm(bf16, false, false, m, first, shared_width, sp + i0 * shared_width, shared16,
+                   shared_width, wsp, ws_16.data(), first, 0.f, a, first);
       }
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t r0 = tile * period + i0;
         if (bf16) to_bf16_rows(n, m, inputs, xp + r0 * inputs, x16);
-        mixed_gemm(bf16, false, true, m, first, inputs, xp + r0 * inputs, x16, inputs, w1p,
-                   w1_16.data(), ld_w1, 0.f, z1, first);
+        mixed_gemm(bf16, false, false, m, first, inputs, xp + r0 * inputs, x16, inputs, w1p,
+                   w1_16.data(), first, 0.f, z1, first);
         bias_prelu_rows(0, n, first, kHeadRows, 0, z1, b1p, s1p, has_shared ? a : nullptr,
                         h1p + r0 * first, o1);
         if (bf16) to_bf16_rows(n, m, first, o1, o1_16);
-        mixed_gemm(bf16, false, true, m, second, first, o1, o1_16, first, w2p, w2_16.data(),
-                   first, 0.f, z2, second);
+        mixed_gemm(bf16, false, false, m, second, first, o1, o1_16, first, w2p, w2_16.data(),
+                   second, 0.f, z2, second);
         prelu_linear_rows(0, n, second, z2, b2p, s2p, wo, bo, h2p + r0 * second, lp + r0);
       }
     }
