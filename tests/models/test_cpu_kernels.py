@@ -904,3 +904,51 @@ def test_din_unit_kernels_name_an_index_that_is_not_ascending():
             torch.ops.attention_ctr_kernels.din_unit_input_forward(history, target, index)
     with pytest.raises(RuntimeError, match="sample_rows_forward's index"):
         torch.ops.attention_ctr_kernels.sample_rows_forward(target, torch.tensor([5, 4]), 3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 301, 5000], ids=["1 row", "301 rows", "5000 rows"])
+def test_fused_linear_matches_f_linear(rows):
+    """The kernels' Linear against F.linear: values and every gradient, with a bias and an
+    addend, rows spanning several row blocks (not a multiple of one) or just one row."""
+    assert cpu_kernels.available()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 37, generator=generator, requires_grad=True)
+    weight = torch.randn(23, 37, generator=generator, requires_grad=True)
+    bias = torch.randn(23, generator=generator, requires_grad=True)
+    addend = torch.randn(rows, 23, generator=generator, requires_grad=True)
+    empty = x.new_empty(0)
+    for b, a in [(bias, addend), (bias, None), (None, None)]:
+        got = cpu_kernels.FusedLinear.apply(
+            x, weight, empty if b is None else b, empty if a is None else a
+        )
+        want = F.linear(x, weight, b) + (0 if a is None else a)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        leaves = [t for t in (x, weight, b, a) if t is not None]
+        upstream = torch.randn(got.shape, generator=generator)
+        for g, w in zip(
+            torch.autograd.grad(got, leaves, upstream), torch.autograd.grad(want, leaves, upstream)
+        ):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_linear_takes_the_kernels_only_where_they_pay():
+    """`cpu_kernels.linear` is the fused Linear for float32 training on brgemm from
+    LINEAR_MIN_ROWS rows and LINEAR_MIN_OUTPUTS units on, and F.linear otherwise (eval, bf16
+    autocast, small products, other matmul backends): the same values either way."""
+    assert cpu_kernels.matmul_backend() in {"brgemm", "blas", "aten"}
+    rows = cpu_kernels.LINEAR_MIN_ROWS
+    x = torch.randn(2, rows // 2, 16, requires_grad=True)
+    weight = torch.randn(cpu_kernels.LINEAR_MIN_OUTPUTS, 16, requires_grad=True)
+    out = cpu_kernels.linear(x, weight)
+    fused = cpu_kernels.matmul_backend() == "brgemm"
+    assert out.shape == (2, rows // 2, weight.shape[0])
+    assert (type(out.grad_fn.next_functions[0][0]).__name__ == "FusedLinearBackward") == fused
+    torch.testing.assert_close(out, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    assert not cpu_kernels.linear_fuses(x[:1, :1], weight.shape[0])  # too few rows
+    assert not cpu_kernels.linear_fuses(x, 1)  # a one-unit output
+    with torch.no_grad():
+        assert not cpu_kernels.linear_fuses(x, weight.shape[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_kernels.linear(x, weight).dtype == torch.bfloat16

@@ -145,7 +145,7 @@ class TransformerBlock(nn.Module):
         leaky_slope: float | None = None,
     ) -> Tensor:
         """`residual + dropout(act(linear(x)))` through `cpu_kernels.bias_dropout`."""
-        product = F.linear(x, linear.weight).float()
+        product = cpu_kernels.linear(x, linear.weight).float()
         return cpu_kernels.bias_dropout(product, linear.bias, threshold, residual, leaky_slope)
 
     def _attend(self, x: Tensor, keep: Tensor, kernels: bool) -> Tensor:
@@ -156,7 +156,7 @@ class TransformerBlock(nn.Module):
         if kernels and not (self.training and self.attention_dropout):
             # CPU training: straight from the packed projection (the kernel adds its bias), the
             # gradient in its layout
-            qkv = F.linear(x, self.qkv.weight).float()
+            qkv = cpu_kernels.linear(x, self.qkv.weight).float()
             return cpu_kernels.packed_attention(qkv, self.qkv.bias, keep, self.n_heads)
         q, k, v = self._heads(self.qkv(x))
         with torch.autocast(x.device.type, enabled=False):

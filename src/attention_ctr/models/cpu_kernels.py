@@ -2,11 +2,14 @@
 
 `kernels/cpu_kernels.cpp` holds:
 - the GRU / AUGRU time loop of `layers.gated_recurrence`: per step, for each thread's share
-  of the rows, the input projection and the hidden matmul on BLAS and one fused pass, forward
+  of the rows, the input projection and the hidden matmul (oneDNN's brgemm micro-kernels
+  where they run, else BLAS: `matmul_backend`) and one fused pass, forward
   and backward, so no `[B, L, 3H]` projection or its gradient is ever written; given the
   rows' lengths, rows sorted longest first skip the steps after their length (about 3.5x
   faster than the eager version on 2 cores: 8.0 against 31 ms forward and backward at
   [256, 47, 64], input projection included);
+- a Linear's matmuls on the same micro-kernels (`linear`: the models' MLPs and DIN's
+  activation unit);
 - a Linear's bias (plus an optional tiled addend) and PReLU in one pass, and its backward in
   one more (eager torch: about 10 passes over the activations for the same layer);
 - the same for a last hidden PReLU layer together with a one-unit output Linear (the
@@ -56,6 +59,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -233,6 +237,83 @@ def usable(x: Tensor, matmuls: bool = False) -> bool:
         and not torch.compiler.is_compiling()
         and available()
     )
+
+
+def matmul_backend() -> str:
+    """The kernels' matmuls: "brgemm" (oneDNN's micro-kernels, through ATen's
+    `cpublas::brgemm`), "blas" (torch's BLAS sgemm: MKL in x86 wheels) or "aten"; "none"
+    without the kernels."""
+    return torch.ops.attention_ctr_kernels.matmul_backend() if available() else "none"
+
+
+class FusedLinear(torch.autograd.Function):
+    """`x W^T + bias + addend` for `x` `[N, I]` (`bias` `[O]` and `addend` `[N, O]` may be
+    empty) on the kernels' matmuls; see `linear`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, addend):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.has_addend = bias.numel() > 0, addend.numel() > 0
+        return torch.ops.attention_ctr_kernels.linear_forward(x, weight, bias, addend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        d_x, d_weight, d_bias = torch.ops.attention_ctr_kernels.linear_backward(
+            grad, x, weight, ctx.needs_input_grad[0]
+        )
+        return (
+            d_x if ctx.needs_input_grad[0] else None,
+            d_weight,
+            d_bias if ctx.has_bias else None,
+            grad if ctx.has_addend else None,
+        )
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, addend: Tensor | None = None
+) -> Tensor:
+    """`F.linear(x, weight, bias) + addend` (`addend` shaped as the output).
+
+    In float32 CPU training with brgemm (`matmul_backend`) the matmuls run on it
+    (`FusedLinear`): ATen's own float32 matmuls take MKL, which on AMD CPUs runs its AVX2 code
+    at about half of what brgemm reaches there. Elsewhere (eval, export, autocast, GPU) this
+    is F.linear.
+    """
+    if linear_fuses(x, weight.shape[0]):
+        empty = x.new_empty(0)
+        rows = x.reshape(-1, x.shape[-1])
+        extra = empty if addend is None else addend.reshape(rows.shape[0], -1)
+        out = FusedLinear.apply(rows, weight, empty if bias is None else bias, extra)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    out = F.linear(x, weight, bias)
+    return out if addend is None else out + addend.to(out.dtype)
+
+
+# `linear` takes the kernels from this many rows and output units on: below, ATen's matmul
+# is as fast (the weight's transpose and the single-threaded weight gradient of one row block
+# cost more than brgemm saves; a one-unit output is a matrix-vector product).
+LINEAR_MIN_ROWS, LINEAR_MIN_OUTPUTS = 1024, 8
+
+
+def linear_fuses(x: Tensor, out_features: int) -> bool:
+    """Whether `linear` on `x` runs on the kernels' brgemm (float32 training, no autocast)."""
+    return (
+        x.numel() >= LINEAR_MIN_ROWS * x.shape[-1]
+        and out_features >= LINEAR_MIN_OUTPUTS
+        and usable(x)
+        and not torch.is_autocast_enabled("cpu")
+        and matmul_backend() == "brgemm"
+    )
+
+
+def apply_linear(module: torch.nn.Linear, x: Tensor) -> Tensor:
+    """`module(x)`, through `linear` in training where that runs on the kernels (the module's
+    forward hooks then do not fire)."""
+    if module.training and linear_fuses(x, module.out_features):
+        return linear(x, module.weight, module.bias)
+    return module(x)
 
 
 class FusedBiasPReLU(torch.autograd.Function):

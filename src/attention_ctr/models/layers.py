@@ -393,7 +393,7 @@ class MLP(nn.Module):
         self.out_features = out_features or width
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.after_first_linear(self.linears[0](x), mask)
+        return self.after_first_linear(cpu_kernels.apply_linear(self.linears[0], x), mask)
 
     def after_first_linear(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The rest of `forward`, from the first Linear's output `[..., hidden[0]]`."""
@@ -452,8 +452,8 @@ class MLP(nn.Module):
                 self.output.weight,
                 self.output.bias,
             )
-        addend = None if shared is None else F.linear(shared, shared_weight)
-        return self.after_first_product(F.linear(x, weight), addend)
+        addend = None if shared is None else cpu_kernels.linear(shared, shared_weight)
+        return self.after_first_product(cpu_kernels.linear(x, weight), addend)
 
     def _fuses(self, index: int, x: Tensor, matmuls: bool = False) -> bool:
         return (
@@ -478,18 +478,18 @@ class MLP(nn.Module):
             linear, activation = self.linears[index], self.activations[index]
             if index == last and self._fuses_output(x):
                 output = self.output
-                product = F.linear(x, linear.weight)
+                product = cpu_kernels.linear(x, linear.weight)
                 return cpu_kernels.FusedPReLULinear.apply(
                     product, linear.bias, activation.weight, output.weight, output.bias
                 )
             if self._fuses(index, x):
                 x = cpu_kernels.bias_prelu(
-                    F.linear(x, linear.weight), linear.bias, activation.weight
+                    cpu_kernels.linear(x, linear.weight), linear.bias, activation.weight
                 )
             else:
-                x = activation(linear(x), mask)
+                x = activation(cpu_kernels.apply_linear(linear, x), mask)
             x = self.dropout(x)
-        return self.output(x) if self.output is not None else x
+        return cpu_kernels.apply_linear(self.output, x) if self.output is not None else x
 
 
 class DINAttention(nn.Module):
@@ -537,7 +537,7 @@ class DINAttention(nn.Module):
             t, per_target = target.unsqueeze(1), per_target.unsqueeze(1)
         else:
             t, per_target = target.index_select(0, owner), per_target.index_select(0, owner)
-        per_behaviour = F.linear(
+        per_behaviour = cpu_kernels.linear(
             torch.cat([history, history * t.to(history.dtype)], dim=-1), weight
         )
         return per_behaviour + per_target.to(per_behaviour.dtype)
@@ -591,7 +591,7 @@ class DINAttention(nn.Module):
         rows = cpu_kernels.FusedDINUnitInput.apply(history, target, index)  # [N, 2E]
         # float32 for the kernel (bf16 under autocast, which then rounds addmm's operands)
         addend = cpu_kernels.FusedSampleRows.apply(per_target.float(), index, history.shape[1])
-        return torch.addmm(addend, rows, weight.t())
+        return cpu_kernels.linear(rows, weight, addend=addend)
 
     def weights(self, history: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """`history` `[B, L, E]`, `target` `[B, E]`, `mask` `[B, L]` -> weights `[B, L]`."""

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <utility>
 #include <vector>
 #include <tuple>
@@ -2308,7 +2309,105 @@ at::Tensor sample_rows_backward(const at::Tensor& grad_in, const at::Tensor& ind
   return d_x;
 }
 
+// Linear layers of the models' MLPs and DIN's activation unit (`cpu_kernels.linear`): the same
+// matmuls as F.linear, on `gemm`'s brgemm (where ATen's matmuls take BLAS). Rows go in
+// sub-blocks of kLinearRows, whose operands and products stay in L2.
+constexpr int64_t kLinearRows = 128;
+// The backward's weight gradient is summed over row blocks (in order), at most this many: the
+// block size depends on the row count only, so the result does not depend on threads.
+constexpr int64_t kLinearBlocks = 16;
+
+// Which matmuls the kernels run: "brgemm", "blas" or "aten".
+std::string matmul_backend() {
+  if (brgemm_available()) return "brgemm";
+  return sgemm_ != nullptr && !blas_switched_off() ? "blas" : "aten";
+}
+
+// out [N, O] = x [N, I] W^T (weight [O, I]) + bias [O] + addend [N, O] (either empty: none).
+at::Tensor linear_forward(const at::Tensor& x_in, const at::Tensor& weight,
+                          const at::Tensor& bias_in, const at::Tensor& addend_in) {
+  for (const auto* t : {&x_in, &weight, &bias_in, &addend_in}) check(*t, "linear_forward");
+  const auto x = x_in.contiguous();
+  const auto bias = bias_in.contiguous();
+  const auto addend = addend_in.contiguous();
+  const int64_t rows = x.size(0), inputs = x.size(1), outputs = weight.size(0);
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == inputs &&
+                  (bias.numel() == 0 || bias.numel() == outputs) &&
+                  (addend.numel() == 0 || (addend.size(0) == rows && addend.size(1) == outputs)),
+              "attention_ctr CPU kernels: linear_forward's x [N, I], weight [O, I], bias [O] "
+              "and addend [N, O] disagree");
+  const auto w_t = transposed(weight);  // [I, O]
+  auto out = at::empty({rows, outputs}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w_t.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  const float* ap = addend.numel() ? addend.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += kLinearRows) {
+      const int64_t n = std::min(end, r0 + kLinearRows) - r0;
+      float* c = op + r0 * outputs;
+      if (ap) std::memcpy(c, ap + r0 * outputs, n * outputs * sizeof(float));
+      if (bp) {
+        for (int64_t i = 0; i < n; ++i) add_into(outputs, bp, c + i * outputs, !ap);
+      }
+      gemm(false, false, n, outputs, inputs, xp + r0 * inputs, inputs, wp, outputs,
+           ap || bp ? 1.f : 0.f, c, outputs);
+    }
+  });
+  return out;
+}
+
+// Backward of linear_forward from dL/dout [N, O] -> (dL/dx [N, I] (empty unless x_grad),
+// dL/dW [O, I], dL/dbias [O]), each row block's part taken while its rows are in cache.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor& grad_in,
+                                                               const at::Tensor& x_in,
+                                                               const at::Tensor& weight_in,
+                                                               bool x_grad) {
+  for (const auto* t : {&grad_in, &x_in, &weight_in}) check(*t, "linear_backward");
+  const auto grad = grad_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t rows = x.size(0), inputs = x.size(1), outputs = weight.size(0);
+  const int64_t width = outputs * inputs + outputs;  // a block's [dL/dW, dL/dbias]
+  const int64_t block = std::max(
+      kLinearRows, ((rows + kLinearBlocks - 1) / kLinearBlocks + kRowsPerTask - 1) /
+                       kRowsPerTask * kRowsPerTask);
+  const int64_t blocks = (rows + block - 1) / block;
+  auto d_x = x_grad ? at::empty({rows, inputs}, x.options()) : at::empty({0}, x.options());
+  auto partial = at::zeros({std::max<int64_t>(blocks, 1), width}, x.options());
+  const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* dxp = x_grad ? d_x.data_ptr<float>() : nullptr;
+  float* sums = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      float* d_weight = sums + b * width;
+      float* d_bias = d_weight + outputs * inputs;
+      const int64_t end = std::min(rows, (b + 1) * block);
+      for (int64_t r0 = b * block; r0 < end; r0 += kLinearRows) {
+        const int64_t n = std::min(end, r0 + kLinearRows) - r0;
+        const float* g = gp + r0 * outputs;
+        if (x_grad) {  // dL/dx = dL/dout W
+          gemm(false, false, n, inputs, outputs, g, outputs, wp, inputs, 0.f, dxp + r0 * inputs,
+               inputs);
+        }
+        // += dL/dout^T x (the block's part starts at zero)
+        gemm(true, false, outputs, inputs, n, g, outputs, xp + r0 * inputs, inputs, 1.f,
+             d_weight, inputs);
+        for (int64_t i = 0; i < n; ++i) add_into(outputs, g + i * outputs, d_bias, false);
+      }
+    }
+  });
+  const auto total = partial.sum(0);
+  return {d_x, total.narrow(0, 0, outputs * inputs).view({outputs, inputs}),
+          total.narrow(0, outputs * inputs, outputs)};
+}
+
 TORCH_LIBRARY(attention_ctr_kernels, m) {
+  m.def("matmul_backend() -> str", &matmul_backend);
+  m.def("linear_forward(Tensor x, Tensor weight, Tensor bias, Tensor addend) -> Tensor");
+  m.def("linear_backward(Tensor grad, Tensor x, Tensor weight, bool x_grad)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("din_unit_input_forward(Tensor history, Tensor target, Tensor index) -> Tensor");
   m.def("din_unit_input_backward(Tensor grad, Tensor history, Tensor target, Tensor index)"
         " -> (Tensor, Tensor)");
@@ -2361,6 +2460,8 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
+  m.impl("linear_forward", &linear_forward);
+  m.impl("linear_backward", &linear_backward);
   m.impl("din_unit_input_forward", &din_unit_input_forward);
   m.impl("din_unit_input_backward", &din_unit_input_backward);
   m.impl("sample_rows_forward", &sample_rows_forward);
