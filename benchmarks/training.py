@@ -26,7 +26,7 @@ import torch
 from _common import HISTORY, PROJECT_ROOT, build_features, fixed_size
 from kedro.config import OmegaConfigLoader
 
-from attention_ctr.models import build_model
+from attention_ctr.models import build_model, cpu_kernels
 from attention_ctr.pipelines.training.nodes import training_config
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.settings import CONFIG_LOADER_ARGS
@@ -94,7 +94,8 @@ def main() -> int:
         for key in ("n_items", "n_categories", "n_behaviors", "n_time_gap_buckets", "max_history")
     }
     print(
-        f"\ndevice {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+        f"\ndevice {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"kernels' matmuls: {cpu_kernels.matmul_backend()}; "
         f"{len(train):,} training samples, history <= {spec['max_history']}"
     )
     print(

@@ -121,18 +121,15 @@ bool brgemm_available() {
   return available;
 }
 
-// dst [columns, rows] (contiguous) = the transpose of src [rows, columns] (row stride ld).
+// dst [columns, rows] (contiguous) = the transpose of src [rows, columns] (row stride ld):
+// each output row is one vectorised strided gather (2x faster than 16 x 16 scalar tiles at
+// the kernels' [256, 100]; src stays in L1 / L2 for the next column).
 void transpose_into(const float* __restrict__ src, int64_t rows, int64_t columns, int64_t ld,
                     float* __restrict__ dst) {
-  constexpr int64_t kTile = 16;  // both sides of a tile stay in L1
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    const int64_t r1 = std::min(rows, r0 + kTile);
-    for (int64_t c0 = 0; c0 < columns; c0 += kTile) {
-      const int64_t c1 = std::min(columns, c0 + kTile);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * ld + c];
-      }
-    }
+  for (int64_t c = 0; c < columns; ++c) {
+    float* __restrict__ out = dst + c * rows;
+#pragma omp simd
+    for (int64_t r = 0; r < rows; ++r) out[r] = src[r * ld + c];
   }
 }
 
