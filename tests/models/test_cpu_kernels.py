@@ -952,3 +952,34 @@ def test_linear_takes_the_kernels_only_where_they_pay():
         assert not cpu_kernels.linear_fuses(x, weight.shape[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_kernels.linear(x, weight).dtype == torch.bfloat16
+
+
+@needs_kernels
+def test_fused_row_dots_and_weighted_sum_match_bmm():
+    """The per-sample matrix-vector products against bmm, values and gradients, on a strided
+    view of a wider tensor (as DIEN's history is a slice of one lookup); a weighted sum does
+    not read positions of weight 0, so padding holding NaN cannot reach it."""
+    assert cpu_kernels.available()
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(7, 11, 9, generator=generator, requires_grad=True)
+    x = wide[:, :, 2:8]  # [7, 11, 6], strided
+    v = torch.randn(7, 6, generator=generator, requires_grad=True)
+    w = torch.rand(7, 11, generator=generator, requires_grad=True)
+    cases = [
+        (cpu_kernels.row_dots(x, v), torch.bmm(x, v.unsqueeze(-1)).squeeze(-1), [wide, v]),
+        (cpu_kernels.weighted_sum(w, x), torch.bmm(w.unsqueeze(1), x).squeeze(1), [wide, w]),
+    ]
+    for got, want, leaves in cases:
+        assert type(got.grad_fn).__name__.startswith("Fused")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        upstream = torch.randn(got.shape, generator=generator)
+        for g, r in zip(
+            torch.autograd.grad(got, leaves, upstream), torch.autograd.grad(want, leaves, upstream)
+        ):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    padded = torch.randn(2, 3, 4, generator=generator)
+    padded[:, 2] = float("nan")
+    weights = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    total = cpu_kernels.weighted_sum(weights, padded)
+    want = torch.stack([0.5 * (padded[0, 0] + padded[0, 1]), padded[1, 0]])
+    torch.testing.assert_close(total, want)

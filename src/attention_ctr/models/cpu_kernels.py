@@ -10,6 +10,8 @@
   [256, 47, 64], input projection included);
 - a Linear's matmuls on the same micro-kernels (`linear`: the models' MLPs and DIN's
   activation unit);
+- per-sample matrix-vector products over a history (`row_dots`: DIEN's attention scores;
+  `weighted_sum`: attention-weighted and masked means), one pass each way;
 - a Linear's bias (plus an optional tiled addend) and PReLU in one pass, and its backward in
   one more (eager torch: about 10 passes over the activations for the same layer);
 - the same for a last hidden PReLU layer together with a one-unit output Linear (the
@@ -314,6 +316,63 @@ def apply_linear(module: torch.nn.Linear, x: Tensor) -> Tensor:
     if module.training and linear_fuses(x, module.out_features):
         return linear(x, module.weight, module.bias)
     return module(x)
+
+
+class FusedRowDots(torch.autograd.Function):
+    """`[B, L]` dot products of `x` `[B, L, D]`'s rows with `v` `[B, D]`; see `row_dots`."""
+
+    @staticmethod
+    def forward(ctx, x, v):  # type: ignore[override]
+        ctx.save_for_backward(x, v)
+        return torch.ops.attention_ctr_kernels.row_dots(x, v)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, v = ctx.saved_tensors
+        ops = torch.ops.attention_ctr_kernels
+        d_x = ops.outer_rows(grad, v) if ctx.needs_input_grad[0] else None
+        d_v = ops.weighted_rows(grad, x) if ctx.needs_input_grad[1] else None
+        return d_x, d_v
+
+
+class FusedWeightedRows(torch.autograd.Function):
+    """`[B, D]` sums of `x` `[B, L, D]`'s rows weighted by `w` `[B, L]`; see `weighted_sum`."""
+
+    @staticmethod
+    def forward(ctx, w, x):  # type: ignore[override]
+        ctx.save_for_backward(w, x)
+        return torch.ops.attention_ctr_kernels.weighted_rows(w, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        w, x = ctx.saved_tensors
+        ops = torch.ops.attention_ctr_kernels
+        d_w = ops.row_dots(x, grad) if ctx.needs_input_grad[0] else None
+        d_x = ops.outer_rows(w, grad) if ctx.needs_input_grad[1] else None
+        return d_w, d_x
+
+
+def _matvec_fuses(x: Tensor, other: Tensor) -> bool:
+    return usable(x) and other.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def row_dots(x: Tensor, v: Tensor) -> Tensor:
+    """`[B, L]` = `x` `[B, L, D]` times `v` `[B, D]` per sample (`bmm(x, v[..., None])`); in
+    float32 CPU training one pass each way through the kernels (ATen's bmm takes MKL one
+    small matrix at a time)."""
+    if _matvec_fuses(x, v):
+        return FusedRowDots.apply(x, v)
+    return torch.bmm(x, v.unsqueeze(-1)).squeeze(-1)
+
+
+def weighted_sum(w: Tensor, x: Tensor) -> Tensor:
+    """`[B, D]` = sum over L of `w` `[B, L]` times `x` `[B, L, D]` (`bmm(w[:, None], x)`), as
+    `row_dots`; positions of weight 0 (padding) are not read in the kernels' forward."""
+    if _matvec_fuses(x, w):
+        return FusedWeightedRows.apply(w, x)
+    return torch.bmm(w.unsqueeze(1), x).squeeze(1)
 
 
 class FusedBiasPReLU(torch.autograd.Function):

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attention_ctr.models import cpu_kernels
 from attention_ctr.models.layers import (
     MLP,
     AUGRUCell,
@@ -148,7 +149,7 @@ class DIEN(CTRModel):
     def _attention(self, states: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """a_t = masked softmax_t(h_t W e_target) -> `[B, L]`."""
         query = F.linear(target, self.attention_weight)  # W e_target: [B, H]
-        scores = torch.bmm(states, query.unsqueeze(-1).to(states.dtype)).squeeze(-1)
+        scores = cpu_kernels.row_dots(states, query.to(states.dtype))  # h_t . W e_target
         return masked_softmax(scores, mask)
 
     def _logits(self, mask: Tensor, target: Tensor, history: Tensor, states: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ def capture_config(arguments: dict) -> dict:
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of `values` `[B, L, E]` over the real positions of `mask` `[B, L]` -> `[B, E]`."""
     weights = mask.to(values.dtype)
-    total = torch.bmm(weights.unsqueeze(1), values).squeeze(1)
+    total = cpu_kernels.weighted_sum(weights, values)
     return total / weights.sum(1, keepdim=True).clamp_min(1.0)
 
 
@@ -603,7 +603,7 @@ class DINAttention(nn.Module):
     def forward(self, history: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """-> (user interest `[B, E]` = sum_j w_j h_j, weights `[B, L]`)."""
         weights = self.weights(history, target, mask)
-        interest = torch.bmm(weights.unsqueeze(1).to(history.dtype), history).squeeze(1)
+        interest = cpu_kernels.weighted_sum(weights.to(history.dtype), history)
         return interest, weights
 
 

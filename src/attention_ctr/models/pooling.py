@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attention_ctr.models import cpu_kernels
 from attention_ctr.models.layers import MLP, Batch, BehaviorEmbedding, CTRModel, capture_config
 
 
@@ -67,6 +68,6 @@ class PoolingModel(CTRModel):
         """-> logits `[B]`."""
         target, history, _ = self.embedding.lookup(batch)  # [B, E], [B, L, E]
         weights = self.attention(batch).to(history.dtype)
-        pooled = torch.bmm(weights.unsqueeze(1), history).squeeze(1)  # [B, E]
+        pooled = cpu_kernels.weighted_sum(weights, history)  # [B, E]
         features = torch.cat([pooled, target, pooled * target], dim=-1)
         return self.mlp(features).squeeze(-1).float()

@@ -620,8 +620,10 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   auto carry = final_only ? upstream.index_select(0, order) : at::zeros({batch, size}, upstream.options());
   auto x_rows = at::empty({batch, inputs}, upstream.options());    // one step's, in order
   auto d_x_rows = at::empty({batch, inputs}, upstream.options());  // one step's, in order
-  auto weight_ih_sums = at::zeros({parts, gates, inputs}, upstream.options());
-  auto weight_sums = at::zeros({parts, gates, size}, upstream.options());
+  // the weights' gradients transposed, dL/dW^T = x^T dL/dprojected: brgemm's transposed
+  // operand (see gemm) is then x_t or h_{t-1} [rows, I or H], a third of dL/dprojected_t
+  auto weight_ih_sums = at::zeros({parts, inputs, gates}, upstream.options());
+  auto weight_sums = at::zeros({parts, size, gates}, upstream.options());
   // bf16: the matmuls' operands rounded to bfloat16 (the gradients too, as autocast's backward)
   const auto wi16 = bf16_copy(weight_ih, bf16), u16 = bf16_copy(weight, bf16);
   std::vector<uint16_t> x16(bf16 ? batch * inputs : 0), h16(bf16 ? batch * size : 0);
@@ -648,8 +650,8 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     for (int64_t part = first; part < last; ++part) {
       const int64_t begin = part * chunk, end = std::min(batch, begin + chunk);
-      float* d_weight_ih = dwi + part * gates * inputs;
-      float* d_weight = dw + part * gates * size;
+      float* d_weight_ih = dwi + part * inputs * gates;  // transposed, [I, 3H]
+      float* d_weight = dw + part * size * gates;        // transposed, [H, 3H]
       int64_t running = 0;
       for (int64_t t = length - 1; t >= 0; --t) {
         while (begin + running < end && steps[begin + running] > t) ++running;
@@ -691,16 +693,16 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
           std::memcpy(dx_row, dx_rows + i * inputs, inputs * sizeof(float));
           if (t > 0) prefetch_floats(dx_row - inputs, inputs, true);
         }
-        mixed_gemm(bf16, true, false, gates, inputs, rows, dp_rows, dp16_rows, gates, x_step_rows,
-                   x16_rows, inputs, 1.f, d_weight_ih, inputs);  // += dL/dprojected_t^T x_t
+        mixed_gemm(bf16, true, false, inputs, gates, rows, x_step_rows, x16_rows, inputs, dp_rows,
+                   dp16_rows, gates, 1.f, d_weight_ih, gates);  // += x_t^T dL/dprojected_t
         if (t > 0) {  // h_0 = 0 adds nothing to U's gradient and has no gradient itself
           const float* h_rows = h + (t * batch + begin) * size;
           if (bf16) {
             to_bf16_rows(running, rows, gates, dh_rows, dh16_rows);
             to_bf16_rows(running, rows, size, h_rows, h16_rows);
           }
-          mixed_gemm(bf16, true, false, gates, size, rows, dh_rows, dh16_rows, gates, h_rows,
-                     h16_rows, size, 1.f, d_weight, size);  // += dL/dhidden_t^T h_{t-1}
+          mixed_gemm(bf16, true, false, size, gates, rows, h_rows, h16_rows, size, dh_rows,
+                     dh16_rows, gates, 1.f, d_weight, gates);  // += h_{t-1}^T dL/dhidden_t
           // dL/dh_{t-1} = carry (now grad (1 - update)) + dL/dhidden_t U (0 on the zeroed rows)
           mixed_gemm(bf16, false, false, rows, size, gates, dh_rows, dh16_rows, gates, u,
                      u16.data(), size, 1.f, c + begin * size, size);
@@ -711,7 +713,8 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   auto total = bias_sums.sum(0);  // [2, 3H]
   auto d_bias_hh = total[1];
   d_bias_hh.narrow(0, 0, 2 * size).copy_(total[0].narrow(0, 0, 2 * size));
-  return {d_x, weight_ih_sums.sum(0), weight_sums.sum(0), d_attention, total[0], d_bias_hh};
+  return {d_x, transposed(weight_ih_sums.sum(0)), transposed(weight_sums.sum(0)), d_attention,
+          total[0], d_bias_hh};
 }
 
 constexpr int64_t kRowsPerBlock = 256;  // column sums: fixed row blocks, summed in order
@@ -1481,8 +1484,10 @@ std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at:
   const auto options = x.options();
   auto d_x = at::empty({rows, inputs}, options);
   auto d_shared = at::empty({has_shared ? period : 0, shared_width}, options);
-  auto d_w1_parts = at::empty({tasks, first, inputs}, options);
-  auto d_ws_parts = at::empty({has_shared ? tasks : 0, first, shared_width}, options);
+  // dL/dW1 and dL/dW_s transposed (x^T dL/dh1): brgemm's transposed operand (see gemm) is
+  // then x or shared [rows, 64], not dL/dh1 [rows, 100]
+  auto d_w1_parts = at::empty({tasks, inputs, first}, options);
+  auto d_ws_parts = at::empty({has_shared ? tasks : 0, shared_width, first}, options);
   auto d_w2_parts = at::empty({tasks, second, first}, options);
   // per task: [d b1, d s1, d b2, d s2, d w_out, d b_out]
   const int64_t width = 2 * first + 3 * second + 1;
@@ -1553,8 +1558,8 @@ std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at:
         mixed_gemm(bf16, false, false, m, inputs, first, d1, d1_16, first, w1p, w1_16.data(),
                    ld_w1, 0.f, d_x_rows, inputs);
         if (m > n) std::memcpy(dxp + r0 * inputs, d_x_rows, n * inputs * sizeof(float));
-        mixed_gemm(bf16, true, false, first, inputs, m, d1, d1_16, first, xp + r0 * inputs, x16,
-                   inputs, beta, dw1 + task * first * inputs, inputs);
+        mixed_gemm(bf16, true, false, inputs, first, m, xp + r0 * inputs, x16, inputs, d1, d1_16,
+                   first, beta, dw1 + task * inputs * first, first);
       }
       if (!has_shared) continue;
       // dL/dshared = dL/da W_s; dL/dW_s += dL/da^T shared, over the task's shared rows
@@ -1569,15 +1574,15 @@ std::vector<at::Tensor> prelu_head_backward(const at::Tensor& grad_in, const at:
       if (m > n) {
         std::memcpy(dsp + i0 * shared_width, d_shared_rows, n * shared_width * sizeof(float));
       }
-      mixed_gemm(bf16, true, false, first, shared_width, m, d_a, d_a16, first, shared_rows,
-                 shared16, shared_width, 0.f, dws + task * first * shared_width, shared_width);
+      mixed_gemm(bf16, true, false, shared_width, first, m, shared_rows, shared16, shared_width,
+                 d_a, d_a16, first, 0.f, dws + task * shared_width * first, first);
     }
   });
   auto sums = sum_parts.sum(0);
   return {d_x,
-          d_w1_parts.sum(0),
+          transposed(d_w1_parts.sum(0)),
           d_shared,
-          has_shared ? d_ws_parts.sum(0) : d_ws_parts,
+          has_shared ? transposed(d_ws_parts.sum(0)) : d_ws_parts,
           sums.narrow(0, 0, first),
           sums.narrow(0, first, first),
           d_w2_parts.sum(0),
@@ -2306,6 +2311,92 @@ at::Tensor sample_rows_backward(const at::Tensor& grad_in, const at::Tensor& ind
   return d_x;
 }
 
+// Batched matrix-vector products of [B, L, D] rows (DIEN's bilinear attention scores, the
+// attention-weighted and masked means over a history): ATen runs these as bmm, which MKL takes
+// one tiny [L, D] matrix at a time (~0.5 ms per call at [256, 50, 64]); each is one pass here.
+// x's last dimension must be contiguous (views with other batch and position strides are read
+// in place).
+
+// out[b, l] = sum_d x[b, l, d] v[b, d]: x [B, L, D], v [B, D].
+at::Tensor row_dots(const at::Tensor& x_in, const at::Tensor& v_in) {
+  for (const auto* t : {&x_in, &v_in}) check(*t, "row_dots");
+  const auto x = unit_last_stride(x_in);
+  const auto v = v_in.contiguous();
+  const int64_t batch = x.size(0), length = x.size(1), width = x.size(2);
+  TORCH_CHECK(x.dim() == 3 && v.dim() == 2 && v.size(0) == batch && v.size(1) == width,
+              "attention_ctr CPU kernels: row_dots takes x [B, L, D] and v [B, D]");
+  auto out = at::empty({batch, length}, x.options());
+  const float *xp = x.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t x_row = x.stride(0), x_step = x.stride(1);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* __restrict__ vb = vp + b * width;
+      for (int64_t l = 0; l < length; ++l) {
+        const float* __restrict__ xr = xp + b * x_row + l * x_step;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t d = 0; d < width; ++d) sum += xr[d] * vb[d];
+        op[b * length + l] = sum;
+      }
+    }
+  });
+  return out;
+}
+
+// out[b, d] = sum_l w[b, l] x[b, l, d]: w [B, L], x [B, L, D].
+at::Tensor weighted_rows(const at::Tensor& w_in, const at::Tensor& x_in) {
+  for (const auto* t : {&w_in, &x_in}) check(*t, "weighted_rows");
+  const auto w = w_in.contiguous();
+  const auto x = unit_last_stride(x_in);
+  const int64_t batch = x.size(0), length = x.size(1), width = x.size(2);
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 2 && w.size(0) == batch && w.size(1) == length,
+              "attention_ctr CPU kernels: weighted_rows takes w [B, L] and x [B, L, D]");
+  auto out = at::empty({batch, width}, x.options());
+  const float *wp = w.data_ptr<float>(), *xp = x.data_ptr<float>();
+  const int64_t x_row = x.stride(0), x_step = x.stride(1);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      float* __restrict__ ob = op + b * width;
+      std::memset(ob, 0, width * sizeof(float));
+      for (int64_t l = 0; l < length; ++l) {
+        const float weight = wp[b * length + l];
+        if (weight == 0.f) continue;  // padding (its rows are not read)
+        const float* __restrict__ xr = xp + b * x_row + l * x_step;
+#pragma omp simd
+        for (int64_t d = 0; d < width; ++d) ob[d] += weight * xr[d];
+      }
+    }
+  });
+  return out;
+}
+
+// out[b, l, d] = w[b, l] v[b, d]: w [B, L], v [B, D] -> [B, L, D] (the backward of both).
+at::Tensor outer_rows(const at::Tensor& w_in, const at::Tensor& v_in) {
+  for (const auto* t : {&w_in, &v_in}) check(*t, "outer_rows");
+  const auto w = w_in.contiguous();
+  const auto v = v_in.contiguous();
+  const int64_t batch = w.size(0), length = w.size(1), width = v.size(1);
+  TORCH_CHECK(w.dim() == 2 && v.dim() == 2 && v.size(0) == batch,
+              "attention_ctr CPU kernels: outer_rows takes w [B, L] and v [B, D]");
+  auto out = at::empty({batch, length, width}, v.options());
+  const float *wp = w.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* __restrict__ vb = vp + b * width;
+      for (int64_t l = 0; l < length; ++l) {
+        const float weight = wp[b * length + l];
+        float* __restrict__ orow = op + (b * length + l) * width;
+#pragma omp simd
+        for (int64_t d = 0; d < width; ++d) orow[d] = weight * vb[d];
+      }
+    }
+  });
+  return out;
+}
+
 // Linear layers of the models' MLPs and DIN's activation unit (`cpu_kernels.linear`): the same
 // matmuls as F.linear, on `gemm`'s brgemm (where ATen's matmuls take BLAS). Rows go in
 // sub-blocks of kLinearRows, whose operands and products stay in L2.
@@ -2402,6 +2493,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor&
 
 TORCH_LIBRARY(attention_ctr_kernels, m) {
   m.def("matmul_backend() -> str", &matmul_backend);
+  m.def("row_dots(Tensor x, Tensor v) -> Tensor");
+  m.def("weighted_rows(Tensor w, Tensor x) -> Tensor");
+  m.def("outer_rows(Tensor w, Tensor v) -> Tensor");
   m.def("linear_forward(Tensor x, Tensor weight, Tensor bias, Tensor addend) -> Tensor");
   m.def("linear_backward(Tensor grad, Tensor x, Tensor weight, bool x_grad)"
         " -> (Tensor, Tensor, Tensor)");
@@ -2458,6 +2552,9 @@ TORCH_LIBRARY(attention_ctr_kernels, m) {
 
 TORCH_LIBRARY_IMPL(attention_ctr_kernels, CPU, m) {
   m.impl("linear_forward", &linear_forward);
+  m.impl("row_dots", &row_dots);
+  m.impl("weighted_rows", &weighted_rows);
+  m.impl("outer_rows", &outer_rows);
   m.impl("linear_backward", &linear_backward);
   m.impl("din_unit_input_forward", &din_unit_input_forward);
   m.impl("din_unit_input_backward", &din_unit_input_backward);
