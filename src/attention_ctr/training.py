@@ -121,16 +121,17 @@ def _autocast(device: torch.device, config: TrainingConfig):
 def _check_cpu_bf16(device: torch.device, config: TrainingConfig) -> None:
     if device.type == "cpu" and config.bf16_on_cpu and not torch.backends.mkldnn.is_available():
         raise ValueError("Parameter training.bf16_on_cpu needs a PyTorch build with oneDNN")
-    if device.type == "cpu" and config.bf16_on_cpu and not _cpu_has_native_bf16():
+    if device.type == "cpu" and config.bf16_on_cpu and not _cpu_has_amx():
         logger.warning(
-            "training.bf16_on_cpu: this CPU has no native bf16 (AVX512-BF16 or AMX); "
-            "bf16 matmuls will be emulated and slower than float32"
+            "training.bf16_on_cpu: this CPU has no AMX, where bf16 matmuls pay off; without it "
+            "they may run slower than float32 (DIEN on an AMD EPYC with AVX512-BF16: "
+            "4,516 against 7,332 samples/s)"
         )
 
 
-def _cpu_has_native_bf16() -> bool:
+def _cpu_has_amx() -> bool:
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
