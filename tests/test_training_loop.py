@@ -1,4 +1,4 @@
-"""The training loop's CPU allocator tuning."""
+"""The training loop's CPU settings: allocator tuning and the bf16 autocast check."""
 
 from __future__ import annotations
 
@@ -52,3 +52,15 @@ def test_blocks_above_the_mmap_ceiling_come_from_the_heap():
     activation = torch.ones(50_000_000)  # 200 MB
     assert libc.mallinfo2().hblkhd - before < 1 << 20
     del activation
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["no AMX", "AMX"])
+def test_bf16_on_cpu_warns_without_amx(amx, monkeypatch, caplog):
+    """bf16 autocast on the CPU pays off with AMX; without it training says it may be slower."""
+    from attention_ctr import training
+
+    monkeypatch.setattr(training, "_cpu_has_amx", lambda: amx)
+    config = training.TrainingConfig(device="cpu", bf16_on_cpu=True)
+    with caplog.at_level("WARNING", logger=training.logger.name):
+        training._check_cpu_bf16(torch.device("cpu"), config)
+    assert ("no AMX" in caplog.text) == (not amx)
