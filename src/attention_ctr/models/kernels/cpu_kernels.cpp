@@ -3,9 +3,10 @@
 // Recurrence: rows are independent, so each thread of torch's own pool (at::parallel_for) runs
 // the whole time loop for its share of the batch (in chunks of up to 256 rows, which keep a
 // step's working set in L2): per step two matmuls on those rows (the input projection
-// W_i x_t and U h_{t-1}; oneDNN's brgemm micro-kernels, see `gemm`) plus ONE pass that computes every gate, the new state
-// and what the backward needs; the backward takes the input's and the weights' gradient terms
-// step by step while they are in cache, so no [B, L, 3H] tensor is ever written. Given the
+// W_i x_t and U h_{t-1}; oneDNN's brgemm micro-kernels, see `gemm`) plus ONE pass that
+// computes every gate, the new state and what the backward needs; the backward takes the
+// input's and the weights' gradient terms step by step while they are in cache, so no
+// [B, L, 3H] tensor is ever written. Given the
 // rows' lengths, a row stops at its own (its later outputs repeat its last state): rows are
 // sorted longest first, so at every step the running ones are a prefix of each chunk's.
 // Eager torch spends ~10 ops and two thread-pool round trips per step on the same work, and
