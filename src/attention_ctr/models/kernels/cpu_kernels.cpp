@@ -397,8 +397,8 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
 // = carry + upstream_t (the caller's row b, step t at b * up_row + t * up_step; without
 // kUpstream none: the final state's gradient was the initial carry). Writes this step's
 // dL/dprojected_t and dL/dhidden_t [B, 3H] (for the input's and U's gradients), dL/da_t, and
-// replaces carry by grad (1 - update): dL/dh_{t-1} = that + dL/dhidden_t U (the gemm after this). Adds the rows' dL/dprojected and dL/dhidden to `bias_sums` [2, 3H] (the
-// gradients of b_i and b_h).
+// replaces carry by grad (1 - update): dL/dh_{t-1} = that + dL/dhidden_t U (the gemm after this).
+// Adds the rows' dL/dprojected and dL/dhidden to `bias_sums` [2, 3H] (the gradients of b_i, b_h).
 template <bool kAugru, bool kUpstream>
 void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t length,
                    int64_t size, const int64_t* __restrict__ order,
