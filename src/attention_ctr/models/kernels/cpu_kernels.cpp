@@ -122,16 +122,51 @@ bool brgemm_available() {
   return available;
 }
 
-// dst [columns, rows] (contiguous) = the transpose of src [rows, columns] (row stride ld):
-// each output row is one vectorised strided gather (2x faster than 16 x 16 scalar tiles at
-// the kernels' [256, 100]; src stays in L1 / L2 for the next column).
+// The transpose of rows [r0, rows) x columns [c0, columns) of src (row stride ld) into dst
+// (row stride ld_dst), one output row at a time.
+void transpose_rest(const float* __restrict__ src, int64_t r0, int64_t rows, int64_t c0,
+                    int64_t columns, int64_t ld, float* __restrict__ dst, int64_t ld_dst) {
+  for (int64_t c = c0; c < columns; ++c) {
+    float* __restrict__ out = dst + c * ld_dst;
+#pragma omp simd
+    for (int64_t r = r0; r < rows; ++r) out[r] = src[r * ld + c];
+  }
+}
+
+// dst [columns, rows] (contiguous) = the transpose of src [rows, columns] (row stride ld).
+// With AVX, by 8 x 8 blocks transposed in registers (a strided gather per element took ~5% of
+// DIEN's training step: the recurrences' and the head's weight gradients, x^T dL/dz).
 void transpose_into(const float* __restrict__ src, int64_t rows, int64_t columns, int64_t ld,
                     float* __restrict__ dst) {
-  for (int64_t c = 0; c < columns; ++c) {
-    float* __restrict__ out = dst + c * rows;
-#pragma omp simd
-    for (int64_t r = 0; r < rows; ++r) out[r] = src[r * ld + c];
+#if defined(__AVX__)
+  const int64_t full_rows = rows / 8 * 8, full_columns = columns / 8 * 8;
+  for (int64_t r = 0; r < full_rows; r += 8) {
+    for (int64_t c = 0; c < full_columns; c += 8) {
+      const float* in = src + r * ld + c;
+      __m256 v[8], t[8];
+      for (int k = 0; k < 8; ++k) v[k] = _mm256_loadu_ps(in + k * ld);
+      for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(v[k], v[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(v[k], v[k + 1]);
+      }
+      for (int k = 0; k < 8; k += 4) {
+        v[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        v[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        v[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        v[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      float* out = dst + c * rows + r;
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(out + k * rows, _mm256_permute2f128_ps(v[k], v[k + 4], 0x20));
+        _mm256_storeu_ps(out + (k + 4) * rows, _mm256_permute2f128_ps(v[k], v[k + 4], 0x31));
+      }
+    }
   }
+  transpose_rest(src, 0, full_rows, full_columns, columns, ld, dst, rows);  // right edge
+  transpose_rest(src, full_rows, rows, 0, columns, ld, dst, rows);          // bottom rows
+#else
+  transpose_rest(src, 0, rows, 0, columns, ld, dst, rows);
+#endif
 }
 
 // The calling thread's scratch buffer `slot` (0 or 1), at least `count` floats.
