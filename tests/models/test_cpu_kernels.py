@@ -32,10 +32,10 @@ def test_kernels_build_where_there_is_a_compiler():
     assert cpu_kernels.available()
 
 
-def _inputs(batch, length, size, seed=0, inputs=3):
+def _inputs(batch, length, size, seed=0, input_width=3):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, inputs, generator=generator)
-    weight_ih = torch.randn(3 * size, inputs, generator=generator)
+    x = torch.randn(batch, length, input_width, generator=generator)
+    weight_ih = torch.randn(3 * size, input_width, generator=generator)
     bias_ih = torch.randn(3 * size, generator=generator) * 0.1
     weight_hh = torch.randn(3 * size, size, generator=generator) * size**-0.5
     bias_hh = torch.randn(3 * size, generator=generator) * 0.1
@@ -63,15 +63,15 @@ def _states_and_grads(function, inputs, attention, upstream):
 @needs_kernels
 @pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
 @pytest.mark.parametrize(
-    "batch,length,size,inputs",
+    "batch,length,size,input_width",
     [(37, 9, 5, 3), (64, 1, 16, 3), (3, 50, 64, 3), (600, 4, 8, 3), (37, 9, 13, 19)],
 )
-def test_fused_recurrence_matches_eager(augru, batch, length, size, inputs):
+def test_fused_recurrence_matches_eager(augru, batch, length, size, input_width):
     """Same states and gradients (input, W_i, b_i, U, b_h, attention) as the eager version,
     for batches that are not a multiple of a task's rows, widths that are not a vector's (nor
     of the 8 x 8 blocks that the weight gradients' operands are transposed by), and a batch
     of several chunks per thread (at most 256 rows run a time loop together)."""
-    inputs, attention, upstream = _inputs(batch, length, size, inputs=inputs)
+    inputs, attention, upstream = _inputs(batch, length, size, input_width=input_width)
     attention = attention if augru else None
     fused = _states_and_grads(gated_recurrence, inputs, attention, upstream)
     eager = _states_and_grads(_eager, inputs, attention, upstream)
@@ -449,8 +449,9 @@ for a in (None, attention):
     torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=1e-5)
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
-for tiles in (0, 2):
-    t.test_fused_prelu_head_matches_eager(tiles, (19, 12, 21, 10))
+for widths in ((6, 4, 9, 5), (19, 12, 21, 10)):
+    for tiles in (0, 2):
+        t.test_fused_prelu_head_matches_eager(tiles, widths)
 print("same")
 """
     _assert_prints_same_without_blas(script, switch)
@@ -550,14 +551,11 @@ def test_fused_prelu_head_matches_eager(tiles, widths):
         z = (z.view(tiles, period, first) + F.linear(shared, w_shared)).view(rows, first)
     eager = F.linear(F.prelu(F.linear(F.prelu(z, s1), w2, b2), s2), w_out, b_out)
     # float32 rounding grows with the sums' terms: errors relative to each result's largest
-    close = lambda got, want, tolerance: torch.testing.assert_close(  # noqa: E731
-        got, want, atol=tolerance * max(1.0, want.abs().max().item()), rtol=tolerance
-    )
-    close(fused, eager, 1e-5)
+    _assert_close_to_scale(fused, eager, 1e-5)
     got = torch.autograd.grad(fused, leaves, upstream)
     want = torch.autograd.grad(eager, leaves, upstream)
     for a, b in zip(got, want):
-        close(a, b, 1e-4)
+        _assert_close_to_scale(a, b, 1e-4)
 
 
 @needs_kernels

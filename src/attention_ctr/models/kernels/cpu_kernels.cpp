@@ -138,8 +138,9 @@ void transpose_rest(const float* __restrict__ src, int64_t r0, int64_t rows, int
 // DIEN's training step: the recurrences' and the head's weight gradients, x^T dL/dz).
 void transpose_into(const float* __restrict__ src, int64_t rows, int64_t columns, int64_t ld,
                     float* __restrict__ dst) {
+  int64_t full_rows = 0, full_columns = 0;  // the part done by blocks
 #if defined(__AVX__)
-  const int64_t full_rows = rows / 8 * 8, full_columns = columns / 8 * 8;
+  full_rows = rows / 8 * 8, full_columns = columns / 8 * 8;
   for (int64_t r = 0; r < full_rows; r += 8) {
     for (int64_t c = 0; c < full_columns; c += 8) {
       const float* in = src + r * ld + c;
@@ -162,11 +163,9 @@ void transpose_into(const float* __restrict__ src, int64_t rows, int64_t columns
       }
     }
   }
+#endif
   transpose_rest(src, 0, full_rows, full_columns, columns, ld, dst, rows);  // right edge
   transpose_rest(src, full_rows, rows, 0, columns, ld, dst, rows);          // bottom rows
-#else
-  transpose_rest(src, 0, rows, 0, columns, ld, dst, rows);
-#endif
 }
 
 // The calling thread's scratch buffer `slot` (0 or 1), at least `count` floats.
@@ -395,7 +394,6 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
                   float* __restrict__ saved, float* __restrict__ output,
                   float* __restrict__ gates_row) {
   const int64_t gates = 3 * size;
-  constexpr bool augru = kAugru;
   for (int64_t p = begin; p < end; ++p) {
     const int64_t b = order[p];
     const float* __restrict__ x = projected + p * gates;
@@ -405,7 +403,7 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
     float* __restrict__ s = saved + (t * batch + p) * 4 * size;
     float* __restrict__ out = kOutput ? output + (b * length + t) * size : nullptr;
     if (kOutput && t + 1 < length) prefetch_floats(out + size, size, true);  // its next step
-    const float a = augru ? attention[b * length + t] : 0.f;
+    const float a = kAugru ? attention[b * length + t] : 0.f;
 #pragma omp simd
     for (int64_t j = 0; j < size; ++j) {
       const float reset = fast_sigmoid(x[j] + bias_ih[j] + g[j] + bias_hh[j]);
@@ -418,8 +416,8 @@ void forward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t 
       gates_row[2 * size + j] = hidden_n;
       gates_row[3 * size + j] = candidate;
       // AUGRU: h_t = h_{t-1} + a_t u_t (h~_t - h_{t-1}); GRU: h_t = h~_t + z_t (h_{t-1} - h~_t)
-      const float next = augru ? h[j] + a * gate * (candidate - h[j])
-                               : candidate + gate * (h[j] - candidate);
+      const float next = kAugru ? h[j] + a * gate * (candidate - h[j])
+                                : candidate + gate * (h[j] - candidate);
       h_next[j] = next;
       if (kOutput) out[j] = next;
     }
@@ -444,7 +442,6 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
                    float* __restrict__ d_hidden, float* __restrict__ d_attention,
                    float* __restrict__ bias_sums) {
   const int64_t gates = 3 * size;
-  constexpr bool augru = kAugru;
   for (int64_t p = begin; p < end; ++p) {
     const int64_t b = order[p];
     const float* __restrict__ up = kUpstream ? upstream + b * up_row + t * up_step : nullptr;
@@ -458,7 +455,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
     float* __restrict__ c = carry + p * size;  // read, then replaced, element by element
     float* __restrict__ dp = d_projected + p * gates;  // this step's, [B, 3H]
     float* __restrict__ dh = d_hidden + p * gates;     // this step's, [B, 3H]
-    const float a = augru ? attention[b * length + t] : 0.f;
+    const float a = kAugru ? attention[b * length + t] : 0.f;
     float* __restrict__ d_bias_ih = bias_sums;
     float* __restrict__ d_bias_hh = bias_sums + gates;  // its r and update parts equal b_i's
     float d_a = 0.f;
@@ -469,8 +466,8 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
       const float candidate = s[3 * size + j];
       const float change = candidate - previous[j];  // h~_t - h_{t-1}
       const float slope = gate * (1.f - gate);
-      const float update = augru ? a * gate : 1.f - gate;
-      const float d_gate = augru ? grad * change * a * slope : -grad * change * slope;
+      const float update = kAugru ? a * gate : 1.f - gate;
+      const float d_gate = kAugru ? grad * change * a * slope : -grad * change * slope;
       const float d_candidate = grad * update * (1.f - candidate * candidate);
       const float d_reset = d_candidate * hidden_n * reset * (1.f - reset);
       d_a += grad * change * gate;
@@ -486,7 +483,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
       d_bias_ih[2 * size + j] += d_candidate;
       d_bias_hh[2 * size + j] += d_candidate * reset;
     }
-    if (augru) d_attention[b * length + t] = d_a;
+    if (kAugru) d_attention[b * length + t] = d_a;
   }
 }
 
