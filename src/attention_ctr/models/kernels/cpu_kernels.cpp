@@ -240,7 +240,8 @@ std::vector<float> widened(const uint16_t* x, int64_t rows, int64_t columns, int
 
 // As gemm, with bfloat16 operands (rounded by to_bf16) and float32 accumulation and output:
 // MKL's gemm_bf16bf16f32, else (no such symbol, or the switch above) the operands widened to
-// float32, which computes the same products.
+// float32, which computes the same products. Not brgemm: oneDNN's bf16 micro-kernels need AMX
+// (cpublas::could_pack(kBFloat16) is false on an AMD EPYC with AVX512-BF16).
 void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* a,
                int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
