@@ -301,24 +301,64 @@ def category_average(
 
 
 @torch.no_grad()
-def apply_category_average(
-    model: nn.Module, cold_items: pd.DataFrame, weights: pd.DataFrame
-) -> int:
-    """Replace cold items' embedding rows with their category's frequency-weighted average.
+def blend_toward_category(
+    model: nn.Module,
+    item_frequency: pd.DataFrame,
+    cold_items: pd.DataFrame,
+    weights: pd.DataFrame,
+    k: float,
+) -> nn.Module:
+    """A copy of `model` with its item rows shrunk toward their category's average.
 
-    Returns how many items were replaced; cold items of a category without warm items keep
-    their own (trained) rows.
+    Item i with n_i training behaviours in category c gets `(n_i * own + k * average_c) /
+    (n_i + k)` (`k = 0`: its own row, unchanged); every item in `cold_items` (in no training
+    sample: an untrained row) gets `average_c` whatever `k`. `average_c` is the
+    frequency-weighted average of `weights` (feature engineering's `cold_start_weights`) over
+    the trained rows; items of a category with no trained items keep their own rows.
     """
-    table = model.item_embedding.weight
-    n_categories = int(
-        max(
-            weights["category"].to_numpy().max(initial=0),
-            cold_items["category"].to_numpy().max(initial=0),
-        )
-    )
+    if k < 0:
+        raise ValueError(f"Parameter cold_start.blend_grid holds {k}; expected values >= 0")
+    blended = copy.deepcopy(model)
+    table = blended.item_embedding.weight
+    n_categories = int(max(item_frequency["category"].to_numpy().max(initial=0), 0))
     average, has_warm = category_average(table, weights, n_categories)
-    cold_category = torch.as_tensor(cold_items["category"].to_numpy(np.int64))
-    replace = has_warm[cold_category]
-    cold_item = torch.as_tensor(cold_items["item"].to_numpy(np.int64))[replace]
-    table[cold_item] = average[cold_category[replace]]
-    return int(replace.sum())
+    item = torch.as_tensor(item_frequency["item"].to_numpy(np.int64))
+    category = torch.as_tensor(item_frequency["category"].to_numpy(np.int64))
+    count = torch.as_tensor(item_frequency["train_count"].to_numpy(np.float64), dtype=table.dtype)
+    own_share = torch.ones_like(count) if k == 0 else count / (count + k)
+    own_share[torch.from_numpy(item_frequency["item"].isin(cold_items["item"]).to_numpy().copy())] = 0.0
+    own_share = torch.where(has_warm[category], own_share, torch.ones_like(own_share))
+    table[item] = own_share[:, None] * table[item] + (1 - own_share[:, None]) * average[category]
+    return blended
+
+
+def choose_blend(
+    model: nn.Module,
+    validation: SampleTensors,
+    item_frequency: pd.DataFrame,
+    cold_items: pd.DataFrame,
+    weights: pd.DataFrame,
+    grid: list[float],
+    batch_size: int,
+) -> dict:
+    """The blend `k` of `grid` with the best validation AUC (ties: the smaller k), and every
+    grid point's score. `grid` must hold 0 (no blend), so the choice never lowers the AUC."""
+    grid = sorted({float(k) for k in grid})
+    if 0.0 not in grid:
+        raise ValueError(
+            f"Parameter cold_start.blend_grid is {grid}; it must include 0 (no blend), the "
+            "baseline a blend has to beat on validation"
+        )
+    labels = validation.label.cpu().numpy()
+    scores = []
+    for k in grid:
+        blended = blend_toward_category(model, item_frequency, cold_items, weights, k)
+        auc = score(labels, predict(blended.to(validation.device), validation, batch_size))["auc"]
+        scores.append({"k": k, "validation_auc": auc})
+    best = max(scores, key=lambda row: (row["validation_auc"], -row["k"]))
+    return {
+        "k": best["k"],
+        "validation_auc": best["validation_auc"],
+        "validation_auc_without_blend": scores[0]["validation_auc"],
+        "grid": scores,
+    }

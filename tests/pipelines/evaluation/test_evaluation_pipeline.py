@@ -15,12 +15,14 @@ from attention_ctr.models import MODELS
 from attention_ctr.pipelines.evaluation.nodes import (
     ATTENTION_TYPES,
     COMPARISON_COLUMNS,
+    draw_ranking_candidates,
     group_auc,
     ranking_metrics,
 )
+from attention_ctr.ranking import ranking_quality
 from attention_ctr.sandbox import make_project_copy, run_pipeline
 from attention_ctr.sequences import SampleTensors
-from attention_ctr.training import predict
+from attention_ctr.training import blend_toward_category, predict
 
 TINY_RUN = {
     "ingestion.synthetic.users": 80,
@@ -38,8 +40,15 @@ TINY_RUN = {
     "evaluation.attention.heatmap_users": 3,
     "evaluation.explanations.users": 2,
     "evaluation.explanations.candidates": 5,
+    "evaluation.ranking.candidates": 20,
 }
-PLOTS = ("roc_curves", "training_curves", "attention_heatmap", "attention_distribution")
+PLOTS = (
+    "roc_curves",
+    "training_curves",
+    "attention_heatmap",
+    "attention_distribution",
+    "ranking_metrics",
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,37 +87,75 @@ def test_stored_metrics_agree_with_sklearn_on_the_same_predictions(evaluated):
     test = catalog.load("test_samples")
     tensors = SampleTensors(test, catalog.load("events"), catalog.load("feature_spec"))
     labels = test["label"].to_numpy()
-    cold = test["item"].isin(catalog.load("cold_start_items")["item"]).to_numpy()
+    frequency = catalog.load("item_frequency")
+    cold, weights = catalog.load("cold_start_items"), catalog.load("cold_start_weights")
+    counts = frequency.set_index("item")["train_count"].reindex(test["item"]).to_numpy()
+    rare = (counts >= 1) & (counts <= 4)
+    assert len(np.unique(labels[rare])) == 2, "the tiny log should have rare test items"
     for name in MODELS:
         metrics = catalog.load(f"{name}.test_metrics")
-        for key, model_name in (("with_fallback", "model"), ("without_fallback", "trained_model")):
-            probabilities = predict(catalog.load(f"{name}.{model_name}"), tensors, 1024)
-            if key == "with_fallback":
+        unblended = blend_toward_category(
+            catalog.load(f"{name}.trained_model"), frequency, cold, weights, 0.0
+        )
+        for key, model in (
+            ("with_blend", catalog.load(f"{name}.model")),
+            ("without_blend", unblended),
+        ):
+            probabilities = predict(model, tensors, 1024)
+            if key == "with_blend":
                 assert metrics["test"]["auc"] == pytest.approx(
                     roc_auc_score(labels, probabilities), abs=1e-6
                 )
                 assert metrics["test"]["logloss"] == pytest.approx(
                     log_loss(labels, probabilities), abs=1e-5
                 )
-            sliced = metrics["cold_start"][key]
-            assert sliced["samples"] == int(cold.sum())
-            assert len(np.unique(labels[cold])) == 2, "the tiny log should have a cold slice"
-            expected = roc_auc_score(labels[cold], probabilities[cold])
+            sliced = metrics["by_item_frequency"]["1-4"][key]
+            assert sliced["samples"] == int(rare.sum())
+            expected = roc_auc_score(labels[rare], probabilities[rare])
             assert sliced["auc"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_trained_model_differs_from_model_only_in_cold_item_rows(evaluated):
+def test_model_differs_from_trained_model_only_in_its_item_table(evaluated):
     _, catalog = evaluated
-    cold = torch.tensor(catalog.load("cold_start_items")["item"].to_numpy(np.int64))
     for name in MODELS:
         before = catalog.load(f"{name}.trained_model").state_dict()
         after = catalog.load(f"{name}.model").state_dict()
         key = next(k for k in after if k.endswith("item_embedding.weight"))
-        warm = torch.ones(len(after[key]), dtype=torch.bool)
-        warm[cold] = False
-        assert torch.equal(before[key][warm], after[key][warm])
-        assert not torch.equal(before[key][cold], after[key][cold])
         assert all(torch.equal(before[k], after[k]) for k in after if k != key)
+
+
+def test_ranking_is_what_eager_torch_ranks_and_identical_across_runs(evaluated):
+    project, catalog = evaluated
+    params = catalog.load("params:evaluation.ranking")
+    test, events = catalog.load("test_samples"), catalog.load("events")
+    frequency = catalog.load("item_frequency")
+    candidates = draw_ranking_candidates(test, events, frequency, params)
+    seen = set(zip(events["user"], events["item"]))
+    for _, rows in candidates.groupby("distribution"):
+        negatives = rows[rows["label"] == 0]
+        assert not any(pair in seen for pair in zip(negatives["user"], negatives["item"]))
+        assert not rows.duplicated(["user", "item"]).any()
+        assert (rows.groupby("user")["label"].sum() == 1).all()
+    tensors = SampleTensors(candidates, events, catalog.load("feature_spec"))
+    folder = project / "data" / "08_reporting" / "evaluation"
+    for name in MODELS:
+        stored = catalog.load(f"{name}.ranking_metrics")
+        versions = sorted((folder / name / "ranking_metrics.json").iterdir())
+        assert len(versions) == 2
+        first, second = (
+            (version / "ranking_metrics.json").read_text() for version in versions
+        )
+        assert first == second, "the ranking protocol must be seeded"
+        probabilities = predict(catalog.load(f"{name}.model"), tensors, 1024)
+        for distribution in params["distributions"]:
+            mine = (candidates["distribution"] == distribution).to_numpy()
+            eager = ranking_quality(
+                candidates["user"][mine], candidates["label"][mine], probabilities[mine]
+            )
+            for key in ("auc", "gauc", "mrr", "hr@10", "ndcg@10"):
+                assert stored[distribution][key] == pytest.approx(eager[key], abs=2e-3), key
+            assert stored[distribution]["candidates_per_user"] == params["candidates"] + 1
+            assert 0 <= stored[distribution]["history_shuffled_auc"] <= 1
 
 
 def test_comparison_table_has_every_model_and_column(evaluated):
@@ -183,8 +230,8 @@ def test_two_evaluations_leave_two_versions_of_every_output(evaluated):
     project, _ = evaluated
     root = project / "data" / "08_reporting" / "evaluation"
     outputs = [p for p in root.rglob("*") if p.is_dir() and p.suffix in {".json", ".md", ".png"}]
-    # per model: test metrics, evaluation summary, attention profile, explanations; then the
-    # cross-model reports
-    assert len(outputs) == len(MODELS) * 4 + 9
+    # per model: test metrics, ranking metrics, evaluation summary, attention profile,
+    # explanations; then the cross-model reports
+    assert len(outputs) == len(MODELS) * 5 + 10
     for output in outputs:
         assert len([v for v in output.iterdir() if v.is_dir()]) == 2, output

@@ -127,14 +127,18 @@ def test_ids_are_contiguous_from_one_and_map_back_to_raw_ids(features):
 
 def test_cold_start_table_and_category_weights(features):
     frequency = features["item_frequency"]
-    min_count = 5
     cold = features["cold_start_items"]
-    assert set(cold["item"]) == set(frequency.loc[frequency["train_count"] < min_count, "item"])
+    # cold: in no training sample at all (neither a behaviour nor a sampled negative)
+    in_training = set(features["train_samples"]["item"]) | set(
+        frequency.loc[frequency["train_count"] > 0, "item"]
+    )
+    assert set(cold["item"]) == set(frequency["item"]) - in_training
+    assert (cold["train_count"] == 0).all()
     weights = features["cold_start_weights"]
     sums = weights.groupby("category")["weight"].sum()
     np.testing.assert_allclose(sums.to_numpy(), 1.0)
     merged = weights.merge(frequency, on=["item", "category"])
-    assert (merged["train_count"] >= min_count).all()
+    assert set(merged["item"]) == set(frequency.loc[frequency["train_count"] > 0, "item"])
     # Frequency-weighted: within a category, weight is proportional to training count.
     ratio = merged["weight"] / merged["train_count"]
     assert (ratio.groupby(merged["category"]).std().fillna(0) < 1e-12).all()

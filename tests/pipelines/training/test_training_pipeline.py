@@ -12,6 +12,7 @@ from attention_ctr.sandbox import make_project_copy, run_pipeline
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.training import (
     TrainingConfig,
+    blend_toward_category,
     fit,
     has_cxx_compiler,
     predict,
@@ -59,22 +60,50 @@ def test_every_model_is_a_versioned_state_dict_that_reloads(trained, name):
     assert {"train_loss", "validation_auc", "train_samples_per_second"} <= set(history.columns)
 
 
-def test_cold_items_use_their_categorys_weighted_average(trained):
+def test_cold_start_blend_is_the_shrinkage_with_the_k_validation_chose(trained):
     _, catalog = trained
     cold = catalog.load("cold_start_items")
     weights = catalog.load("cold_start_weights")
-    assert len(cold), "the small synthetic log should have cold items"
+    frequency = catalog.load("item_frequency").set_index("item")
     for name in MODELS:
+        trained_rows = catalog.load(f"{name}.trained_model").item_embedding.weight.detach()
         table = catalog.load(f"{name}.model").item_embedding.weight.detach()
+        blend = catalog.load(f"{name}.cold_start_blend")
+        k = blend["k"]
+        grid = {row["k"]: row["validation_auc"] for row in blend["grid"]}
+        assert 0.0 in grid and k in grid
+        # the chosen k never lowers validation AUC against no blend
+        assert grid[k] == max(grid.values()) >= grid[0.0] == blend["validation_auc_without_blend"]
         for category, group in weights.groupby("category"):
-            cold_here = cold.loc[cold["category"] == category, "item"].to_numpy()
-            if not len(cold_here):
-                continue
             average = (
-                table[torch.tensor(group["item"].to_numpy())]
+                trained_rows[torch.tensor(group["item"].to_numpy())]
                 * torch.as_tensor(group["weight"].to_numpy(np.float32))[:, None]
             ).sum(0)
-            torch.testing.assert_close(table[cold_here], average.expand(len(cold_here), -1))
+            # items no training sample had: the category's frequency-weighted average
+            cold_here = cold.loc[cold["category"] == category, "item"].to_numpy()
+            if len(cold_here):
+                torch.testing.assert_close(table[cold_here], average.expand(len(cold_here), -1))
+            # trained items: (n * own + k * average) / (n + k)
+            seen = group["item"].to_numpy()
+            n = torch.as_tensor(frequency.loc[seen, "train_count"].to_numpy(np.float32))[:, None]
+            expected = (n * trained_rows[seen] + k * average) / (n + k)
+            torch.testing.assert_close(table[seen], expected)
+
+
+def test_blend_with_k_zero_changes_only_untrained_rows(trained):
+    _, catalog = trained
+    cold = catalog.load("cold_start_items")
+    frequency, weights = catalog.load("item_frequency"), catalog.load("cold_start_weights")
+    model = catalog.load("din.trained_model")
+    unblended = blend_toward_category(model, frequency, cold, weights, 0.0)
+    before, after = model.item_embedding.weight, unblended.item_embedding.weight
+    untouched = ~torch.isin(torch.arange(len(before)), torch.as_tensor(cold["item"].to_numpy()))
+    torch.testing.assert_close(after[untouched], before[untouched], rtol=0, atol=0)
+    for name, value in model.state_dict().items():
+        if "item_embedding" not in name:
+            torch.testing.assert_close(unblended.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="blend_grid"):
+        blend_toward_category(model, frequency, cold, weights, -1.0)
 
 
 def test_one_model_trains_alone_and_runs_are_deterministic(trained, tmp_path):

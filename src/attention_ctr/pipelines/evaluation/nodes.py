@@ -22,10 +22,29 @@ from sklearn.metrics import roc_curve
 from torch import nn
 
 from attention_ctr.models import fingerprint
-from attention_ctr.onnx_export import OUTPUT_NAME, export_onnx, onnx_feed, onnx_session
+from attention_ctr.onnx_export import (
+    OUTPUT_NAME,
+    export_onnx,
+    export_request_onnx,
+    onnx_feed,
+    onnx_session,
+)
+from attention_ctr.pipelines.export.nodes import (
+    add_cold_start_rows,
+    build_serving_tables,
+    request_metadata,
+)
 from attention_ctr.pipelines.feature_engineering.nodes import SAMPLE_COLUMNS
+from attention_ctr.ranking import (
+    derangement,
+    draw_distinct_unseen,
+    popularity_sampler,
+    ranking_quality,
+    uniform_sampler,
+)
 from attention_ctr.sequences import SampleTensors
-from attention_ctr.training import predict, score
+from attention_ctr.serving import Scorer
+from attention_ctr.training import blend_toward_category, predict, score
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +68,21 @@ COMPARISON_COLUMNS = {
     "test_auc": ("AUC", "{:.4f}"),
     "test_gauc": ("GAUC", "{:.4f}"),
     "test_logloss": ("logloss", "{:.4f}"),
-    "cold_start_auc_with_fallback": ("cold AUC (fallback)", "{:.4f}"),
-    "cold_start_auc_without_fallback": ("cold AUC (no fallback)", "{:.4f}"),
+    "cold_start_blend_k": ("blend k", "{:g}"),
+    "uniform_auc": ("rank AUC (uniform)", "{:.4f}"),
+    "uniform_history_shuffled_auc": ("shuffled AUC (uniform)", "{:.4f}"),
+    "uniform_hr@10": ("HR@10 (uniform)", "{:.4f}"),
+    "uniform_ndcg@10": ("NDCG@10 (uniform)", "{:.4f}"),
+    "uniform_mrr": ("MRR (uniform)", "{:.4f}"),
+    "popularity_auc": ("rank AUC (popularity)", "{:.4f}"),
+    "popularity_history_shuffled_auc": ("shuffled AUC (popularity)", "{:.4f}"),
+    "popularity_hr@10": ("HR@10 (popularity)", "{:.4f}"),
     "parameters": ("parameters", "{:,}"),
     "training_seconds": ("training s", "{:.1f}"),
     "torch_ms_per_1000": ("torch ms/1k", "{:.2f}"),
     "onnxruntime_ms_per_1000": ("ORT ms/1k", "{:.2f}"),
 }
+RANKING_COLUMNS = ("auc", "gauc", "hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
 
 
 # ---------------------------------------------------------------- metrics
@@ -73,21 +100,30 @@ def predict_test_split(
     test_samples: pd.DataFrame,
     events: pd.DataFrame,
     feature_spec: dict,
+    item_frequency: pd.DataFrame,
     cold_start_items: pd.DataFrame,
+    cold_start_weights: pd.DataFrame,
     params: dict,
 ) -> pd.DataFrame:
-    """Test-split click probabilities with the cold-start fallback and without it."""
+    """Test-split click probabilities with the chosen cold-start blend and without it (k = 0:
+    only items no training sample had take their category's average)."""
     device = _device(params["device"])
     tensors = SampleTensors(test_samples, events, feature_spec, device)
     batch_size = int(params["batch_size"])
+    unblended = blend_toward_category(
+        trained_model, item_frequency, cold_start_items, cold_start_weights, 0.0
+    )
+    counts = np.zeros(int(item_frequency["item"].to_numpy().max(initial=0)) + 1, dtype=np.int64)
+    counts[item_frequency["item"].to_numpy()] = item_frequency["train_count"].to_numpy()
     return pd.DataFrame(
         {
             "user": test_samples["user"].to_numpy(),
             "item": test_samples["item"].to_numpy(),
             "label": test_samples["label"].to_numpy(np.int8),
+            "item_train_count": counts[test_samples["item"].to_numpy()],
             "cold_item": test_samples["item"].isin(cold_start_items["item"]).to_numpy(),
             "probability": predict(model.to(device), tensors, batch_size),
-            "probability_without_fallback": predict(trained_model.to(device), tensors, batch_size),
+            "probability_without_blend": predict(unblended.to(device), tensors, batch_size),
         }
     )
 
@@ -153,8 +189,13 @@ def ranking_metrics(users: np.ndarray, labels: np.ndarray, probabilities: np.nda
     }
 
 
+# Buckets of the target item's training behaviours: (label, lowest count, highest count).
+FREQUENCY_BUCKETS = (("0", 0, 0), ("1-4", 1, 4), ("5-19", 5, 19), ("20+", 20, math.inf))
+
+
 def compute_test_metrics(test_predictions: pd.DataFrame, model: nn.Module) -> dict:
-    """Metrics on the test split and on its cold-start slice, with and without the fallback.
+    """Metrics on the test split, with the cold-start blend and without it, overall and per
+    training-frequency bucket of the target item, and on the never-trained (cold) items.
 
     `model_sha256` names the weights measured, so a promotion gate can check that the metrics
     and an exported graph are about the same model.
@@ -165,16 +206,203 @@ def compute_test_metrics(test_predictions: pd.DataFrame, model: nn.Module) -> di
             rows["user"].to_numpy(), rows["label"].to_numpy(), rows[column].to_numpy()
         )
 
-    cold = test_predictions[test_predictions["cold_item"]]
+    def both(rows: pd.DataFrame) -> dict:
+        return {
+            "with_blend": metrics(rows, "probability"),
+            "without_blend": metrics(rows, "probability_without_blend"),
+        }
+
+    count = test_predictions["item_train_count"]
+    buckets = {
+        label: both(test_predictions[(count >= low) & (count <= high)])
+        for label, low, high in FREQUENCY_BUCKETS
+    }
     return {
         "model_sha256": fingerprint(model),
         "test": metrics(test_predictions, "probability"),
-        "test_without_fallback": metrics(test_predictions, "probability_without_fallback"),
-        "cold_start": {
-            "with_fallback": metrics(cold, "probability"),
-            "without_fallback": metrics(cold, "probability_without_fallback"),
-        },
+        "test_without_blend": metrics(test_predictions, "probability_without_blend"),
+        "by_item_frequency": buckets,
+        "cold_items": metrics(test_predictions[test_predictions["cold_item"]], "probability"),
     }
+
+
+# ---------------------------------------------------------------- ranking protocol
+CANDIDATE_DISTRIBUTIONS = ("uniform", "popularity")
+
+
+def draw_ranking_candidates(
+    test_samples: pd.DataFrame, events: pd.DataFrame, item_frequency: pd.DataFrame, params: dict
+) -> pd.DataFrame:
+    """Each test user's held-out behaviour plus `candidates` distinct items the user never had,
+    per distribution (`uniform` over all items, `popularity` by training behaviours).
+
+    Rows share the user's test sample pointers, so every candidate is scored for the moment
+    the test sample describes. Seeded: every model ranks the same lists.
+    """
+    distributions = list(params["distributions"])
+    unknown = sorted(set(distributions) - set(CANDIDATE_DISTRIBUTIONS))
+    if unknown or not distributions:
+        raise ValueError(
+            f"Parameter evaluation.ranking.distributions is {distributions}; expected some of "
+            f"{list(CANDIDATE_DISTRIBUTIONS)}"
+        )
+    per_user = int(params["candidates"])
+    if per_user < 1:
+        raise ValueError(f"Parameter evaluation.ranking.candidates must be >= 1, got {per_user}")
+    positives = test_samples[test_samples["label"] == 1].sort_values("user", kind="stable")
+    items = item_frequency["item"].to_numpy(np.int64)
+    stride = len(items) + 1
+    seen = np.unique(events["user"].to_numpy(np.int64) * stride + events["item"].to_numpy())
+    item_category = np.zeros(stride, dtype=np.int64)
+    item_category[items] = item_frequency["category"].to_numpy()
+    samplers = {
+        "uniform": uniform_sampler(items),
+        "popularity": popularity_sampler(items, item_frequency["train_count"].to_numpy()),
+    }
+    frames = []
+    for distribution in distributions:
+        rng = np.random.default_rng(
+            [int(params["seed"]), CANDIDATE_DISTRIBUTIONS.index(distribution)]
+        )
+        drawn = draw_distinct_unseen(
+            positives["user"].to_numpy(),
+            per_user,
+            seen,
+            stride,
+            samplers[distribution],
+            rng,
+            int(params["max_rounds"]),
+        )
+        lists = np.concatenate([positives["item"].to_numpy(np.int64)[:, None], drawn], axis=1)
+        rows = positives.loc[positives.index.repeat(lists.shape[1])].reset_index(drop=True)
+        rows["item"] = lists.reshape(-1)
+        rows["category"] = item_category[rows["item"].to_numpy()]
+        rows["label"] = (np.arange(len(rows)) % lists.shape[1] == 0).astype(np.int8)
+        rows = rows[rows["item"] > 0]  # slots no unseen item was found for
+        frames.append(rows[SAMPLE_COLUMNS].assign(distribution=distribution))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _typed_decoder(ids: pd.DataFrame, code_column: str, raw_column: str = "raw_id") -> np.ndarray:
+    """Encoded id (its index) -> raw id, keeping the raw ids' dtype as a caller passes them
+    (index 0, padding, repeats the first raw id: it is never looked up)."""
+    codes = ids[code_column].to_numpy(np.int64)
+    raw = ids[raw_column].to_numpy()
+    decoded = np.empty(int(codes.max(initial=0)) + 1, dtype=raw.dtype)
+    decoded[0] = raw[0] if len(raw) else decoded[0]
+    decoded[codes] = raw
+    return decoded
+
+
+def _request_histories(positives: pd.DataFrame, events: pd.DataFrame, decode: dict) -> list:
+    """Each positive's history in raw ids, as a server receives it (oldest first)."""
+    arrays = {name: events[name].to_numpy() for name in ("item", "category", "behavior")}
+    stamps = events["timestamp"].to_numpy(np.int64)
+    histories = []
+    for end, length, now in positives[["hist_end", "hist_len", "timestamp"]].itertuples(
+        index=False
+    ):
+        window = slice(int(end) - int(length), int(end))
+        histories.append(
+            {
+                "history_items": decode["item"][arrays["item"][window]],
+                "history_categories": decode["category"][arrays["category"][window]],
+                "history_behaviors": decode["behavior"][arrays["behavior"][window]],
+                "history_timestamps": stamps[window],
+                "now": int(now),
+            }
+        )
+    return histories
+
+
+def _score_lists(scorer: Scorer, rows: pd.DataFrame, histories: list, donor: np.ndarray, decode):
+    """Scores of every candidate list (one request per user), with user i's list scored
+    against the history of user `donor[i]`."""
+    user = rows["user"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    stops = np.r_[starts[1:], len(rows)]
+    items = decode["item"][rows["item"].to_numpy()]
+    categories = decode["category"][rows["category"].to_numpy()]
+    scores = np.empty(len(rows), dtype=np.float64)
+    for user, (start, stop) in enumerate(zip(starts, stops)):
+        scores[start:stop] = scorer.score(
+            candidate_items=items[start:stop],
+            candidate_categories=categories[start:stop],
+            **histories[donor[user]],
+        )
+    return scores
+
+
+def rank_test_users(
+    model: nn.Module,
+    ranking_candidates: pd.DataFrame,
+    events: pd.DataFrame,
+    item_ids: pd.DataFrame,
+    category_ids: pd.DataFrame,
+    behavior_ids: pd.DataFrame,
+    item_frequency: pd.DataFrame,
+    cold_start_items: pd.DataFrame,
+    cold_start_weights: pd.DataFrame,
+    feature_spec: dict,
+    params: dict,
+) -> dict:
+    """The ranking protocol, scored as a server would: the model's request graph (exported
+    here as the export pipeline does) behind `Scorer`, one request per user, raw ids in.
+
+    Per candidate distribution: HR@K, NDCG@K, MRR, GAUC and AUC, and the history-shuffled AUC
+    (every user's candidates scored against another user's history, a derangement): a model
+    that loses nothing there does not use the history.
+    """
+    serving_model = add_cold_start_rows(model.cpu().eval(), item_ids, cold_start_weights)
+    graph = export_request_onnx(serving_model)
+    items, categories = build_serving_tables(
+        item_ids, category_ids, item_frequency, cold_start_items, cold_start_weights
+    )
+    scorer = Scorer(
+        graph,
+        request_metadata(graph, serving_model, model, feature_spec),
+        items,
+        categories,
+        threads=int(params["threads"]),
+        cache_size=0,
+    )
+    decode = {
+        "item": _typed_decoder(item_ids, "item"),
+        "category": _typed_decoder(category_ids, "category"),
+        "behavior": _typed_decoder(behavior_ids, "code", "behavior").astype(str),
+    }
+    result = {
+        "model": model.name,
+        "model_sha256": fingerprint(model),
+        "candidates": int(params["candidates"]),
+        "seed": int(params["seed"]),
+    }
+    for distribution, rows in ranking_candidates.groupby("distribution", sort=False):
+        rows = rows.reset_index(drop=True)
+        positives = rows[rows["label"] == 1]
+        histories = _request_histories(positives, events, decode)
+        own = np.arange(len(positives))
+        shuffle = derangement(len(positives), np.random.default_rng(int(params["seed"])))
+        scores = _score_lists(scorer, rows, histories, own, decode)
+        shuffled = _score_lists(scorer, rows, histories, shuffle, decode)
+        quality = ranking_quality(rows["user"], rows["label"], scores)
+        shuffled_quality = ranking_quality(rows["user"], rows["label"], shuffled)
+        quality["history_shuffled_auc"] = shuffled_quality["auc"]
+        quality["history_shuffled_gauc"] = shuffled_quality["gauc"]
+        result[str(distribution)] = quality
+        logger.info(
+            "%s ranking (%s, %d candidates): AUC %.4f, HR@10 %.4f, NDCG@10 %.4f, MRR %.4f, "
+            "history-shuffled AUC %.4f",
+            model.name,
+            distribution,
+            params["candidates"],
+            quality["auc"],
+            quality["hr@10"],
+            quality["ndcg@10"],
+            quality["mrr"],
+            quality["history_shuffled_auc"],
+        )
+    return result
 
 
 # ---------------------------------------------------------------- latency
@@ -248,7 +476,12 @@ def time_inference(
 
 # ---------------------------------------------------------------- comparison
 def summarise_evaluation(
-    model: nn.Module, test_metrics: dict, inference_latency: dict, training_history: pd.DataFrame
+    model: nn.Module,
+    test_metrics: dict,
+    ranking_metrics: dict,
+    cold_start_blend: dict,
+    inference_latency: dict,
+    training_history: pd.DataFrame,
 ) -> dict:
     """One model's row of the comparison, plus its per-epoch training curve for the plots."""
     needed = {"epoch", "train_loss", "validation_auc", "train_seconds"}
@@ -258,15 +491,30 @@ def summarise_evaluation(
             f"{model.name}.training_history lacks column(s) {sorted(missing)}; "
             "run the training pipeline again"
         )
+    ranking = {
+        f"{distribution}_{key}": ranking_metrics.get(distribution, {}).get(key)
+        for distribution in CANDIDATE_DISTRIBUTIONS
+        for key in (*RANKING_COLUMNS, "history_shuffled_auc")
+    }
     return {
         "model": model.name,
         "attention": ATTENTION_TYPES.get(model.name, "unknown"),
         "test_auc": test_metrics["test"]["auc"],
         "test_gauc": test_metrics["test"]["gauc"],
         "test_logloss": test_metrics["test"]["logloss"],
-        "cold_start_samples": test_metrics["cold_start"]["with_fallback"]["samples"],
-        "cold_start_auc_with_fallback": test_metrics["cold_start"]["with_fallback"]["auc"],
-        "cold_start_auc_without_fallback": test_metrics["cold_start"]["without_fallback"]["auc"],
+        "test_auc_without_blend": test_metrics["test_without_blend"]["auc"],
+        "cold_start_blend_k": cold_start_blend["k"],
+        "cold_start_blend_grid": cold_start_blend["grid"],
+        "by_item_frequency": {
+            bucket: {kind: values["auc"] for kind, values in both.items()}
+            for bucket, both in test_metrics["by_item_frequency"].items()
+        },
+        "by_item_frequency_samples": {
+            bucket: both["with_blend"]["samples"]
+            for bucket, both in test_metrics["by_item_frequency"].items()
+        },
+        **ranking,
+        "ranking_candidates": ranking_metrics.get("candidates"),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         # Training time is the sum of the epochs' training passes (validation not included).
         "training_seconds": float(training_history["train_seconds"].sum()),
@@ -297,7 +545,15 @@ def compare_models(**summaries: dict) -> tuple[dict, str]:
     rows = [
         {
             **{column: summary[column] for column in COMPARISON_COLUMNS},
-            "cold_start_samples": summary["cold_start_samples"],
+            **{
+                f"{distribution}_{key}": summary[f"{distribution}_{key}"]
+                for distribution in CANDIDATE_DISTRIBUTIONS
+                for key in RANKING_COLUMNS
+            },
+            "test_auc_without_blend": summary["test_auc_without_blend"],
+            "cold_start_blend_grid": summary["cold_start_blend_grid"],
+            "by_item_frequency": summary["by_item_frequency"],
+            "by_item_frequency_samples": summary["by_item_frequency_samples"],
             "epochs_trained": summary["epochs_trained"],
             "best_validation_auc": summary["best_validation_auc"],
             "onnx_max_abs_diff": summary["onnx_max_abs_diff"],
@@ -307,16 +563,20 @@ def compare_models(**summaries: dict) -> tuple[dict, str]:
     first = next(iter(summaries.values()), {})
     setup = first.get("latency_setup", {})
     note = (
-        f"Latency: eager torch and onnxruntime on the CPU, {setup.get('threads')} threads, "
-        f"batches of {setup.get('batch_size')}, best of {setup.get('repeats')} interleaved "
-        f"passes over {setup.get('samples')} test samples; ms per 1,000 samples. Cold AUC: the "
-        f"{first.get('cold_start_samples')} test samples whose target item is cold, with the "
-        "category-average embedding (fallback) and with the item's own trained row (no "
-        "fallback). Training s: sum of the epochs' training passes."
+        "AUC, GAUC, logloss: the test split (each user's last behaviour and its sampled "
+        "negatives). Rank: each test user's last behaviour against "
+        f"{first.get('ranking_candidates')} items the user never had, drawn uniformly or by "
+        "training popularity, scored through the exported request graph behind `Scorer` in "
+        "raw ids; shuffled AUC: the same lists scored against another user's history. "
+        "Blend k: the cold-start shrinkage chosen on "
+        f"validation (0: none). Latency: eager torch and onnxruntime on the CPU, "
+        f"{setup.get('threads')} threads, batches of {setup.get('batch_size')}, best of "
+        f"{setup.get('repeats')} interleaved passes over {setup.get('samples')} test samples; "
+        "ms per 1,000 samples. Training s: sum of the epochs' training passes."
     )
     headers = [header for header, _ in COMPARISON_COLUMNS.values()]
     lines = [
-        "# Model comparison (test split)",
+        "# Model comparison",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "|".join(" --- " for _ in headers) + "|",
@@ -325,6 +585,22 @@ def compare_models(**summaries: dict) -> tuple[dict, str]:
         cells = [_cell(row[key], fmt) for key, (_, fmt) in COMPARISON_COLUMNS.items()]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", note, ""]
+    buckets = [label for label, _, _ in FREQUENCY_BUCKETS]
+    samples = first.get("by_item_frequency_samples", {})
+    lines += [
+        "## Test AUC by the target item's training behaviours (with / without the blend)",
+        "",
+        "| model | " + " | ".join(f"{b} ({samples.get(b, 0)} samples)" for b in buckets) + " |",
+        "|" + "|".join(" --- " for _ in range(len(buckets) + 1)) + "|",
+    ]
+    for row in rows:
+        cells = [
+            f"{_cell(row['by_item_frequency'][b]['with_blend'], '{:.4f}')} / "
+            f"{_cell(row['by_item_frequency'][b]['without_blend'], '{:.4f}')}"
+            for b in buckets
+        ]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    lines.append("")
     return {"columns": list(COMPARISON_COLUMNS), "rows": rows, "note": note}, "\n".join(lines)
 
 
@@ -699,6 +975,26 @@ def plot_training_curves(**evaluation_summaries: dict) -> Figure:
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
+    return figure
+
+
+def plot_ranking_metrics(**evaluation_summaries: dict) -> Figure:
+    """The ranking protocol per candidate distribution: every model's HR@K, NDCG@K, MRR and
+    AUC, beside its AUC with shuffled histories (hatched)."""
+    keys = (*RANKING_COLUMNS[2:], "auc", "history_shuffled_auc")
+    labels = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR", "AUC", "shuffled AUC")
+    figure, axes = _figure(columns=len(CANDIDATE_DISTRIBUTIONS), size=(7.0, 4.5))
+    width = 0.8 / max(len(evaluation_summaries), 1)
+    for ax, distribution in zip(axes[0], CANDIDATE_DISTRIBUTIONS):
+        for index, (name, summary) in enumerate(evaluation_summaries.items()):
+            values = [summary.get(f"{distribution}_{key}") for key in keys]
+            values = [math.nan if value is None else value for value in values]
+            bars = ax.bar(np.arange(len(keys)) + index * width, values, width, label=name)
+            bars[-1].set_hatch("//")
+        candidates = next(iter(evaluation_summaries.values()), {}).get("ranking_candidates")
+        ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, labels, rotation=30)
+        ax.set(ylim=(0, 1), title=f"Last behaviour vs {candidates} {distribution} candidates")
+        ax.legend(fontsize=8)
     return figure
 
 

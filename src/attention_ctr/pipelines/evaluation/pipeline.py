@@ -6,13 +6,16 @@ from attention_ctr.pipelines.evaluation.nodes import (
     compare_models,
     compute_test_metrics,
     draw_explanation_candidates,
+    draw_ranking_candidates,
     explain_rankings,
     plot_attention_distribution,
     plot_attention_heatmap,
+    plot_ranking_metrics,
     plot_roc_curves,
     plot_training_curves,
     predict_test_split,
     profile_attention,
+    rank_test_users,
     report_attention_distribution,
     summarise_evaluation,
     time_inference,
@@ -24,6 +27,8 @@ SHARED_INPUTS = {
     "events",
     "feature_spec",
     "cold_start_items",
+    "cold_start_weights",
+    "item_frequency",
     "item_ids",
     "category_ids",
     "behavior_ids",
@@ -51,7 +56,9 @@ def create_model_pipeline() -> Pipeline:
                     "test_samples",
                     "events",
                     "feature_spec",
+                    "item_frequency",
                     "cold_start_items",
+                    "cold_start_weights",
                     PARAMS,
                 ],
                 "test_predictions",
@@ -69,9 +76,42 @@ def create_model_pipeline() -> Pipeline:
                 "inference_latency",
                 name="time_torch_and_onnxruntime",
             ),
+            # Seeded: every model ranks the same lists. Drawn per branch (cheap) so that
+            # `--namespaces din` runs a whole branch.
+            Node(
+                draw_ranking_candidates,
+                ["test_samples", "events", "item_frequency", f"{PARAMS}.ranking"],
+                "ranking_candidates",
+                name="draw_ranking_candidates",
+            ),
+            Node(
+                rank_test_users,
+                [
+                    "model",
+                    "ranking_candidates",
+                    "events",
+                    "item_ids",
+                    "category_ids",
+                    "behavior_ids",
+                    "item_frequency",
+                    "cold_start_items",
+                    "cold_start_weights",
+                    "feature_spec",
+                    f"{PARAMS}.ranking",
+                ],
+                "ranking_metrics",
+                name="rank_test_users",
+            ),
             Node(
                 summarise_evaluation,
-                ["model", "test_metrics", "inference_latency", "training_history"],
+                [
+                    "model",
+                    "test_metrics",
+                    "ranking_metrics",
+                    "cold_start_blend",
+                    "inference_latency",
+                    "training_history",
+                ],
                 "evaluation_summary",
                 name="summarise_evaluation",
             ),
@@ -113,7 +153,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     models = one_branch_per_model(
         create_model_pipeline(),
         shared_inputs=SHARED_INPUTS,
-        parameters={PARAMS, f"{PARAMS}.latency", f"{PARAMS}.explanations"},
+        parameters={
+            PARAMS,
+            f"{PARAMS}.latency",
+            f"{PARAMS}.explanations",
+            f"{PARAMS}.ranking",
+        },
         flat_outputs=CROSS_MODEL_OUTPUTS,
     )
     reports = Pipeline(
@@ -126,6 +171,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 plot_roc_curves, per_model("test_predictions"), "roc_curves@figure", name="plot_roc"
+            ),
+            Node(
+                plot_ranking_metrics,
+                per_model("evaluation_summary"),
+                "ranking_metrics_plot@figure",
+                name="plot_ranking_metrics",
             ),
             Node(
                 plot_training_curves,

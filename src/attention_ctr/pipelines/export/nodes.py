@@ -293,15 +293,10 @@ def build_serving_tables(
     return items, categories
 
 
-def describe_serving(
-    onnx_model: bytes,
-    onnx_request_model: bytes,
-    serving_model: nn.Module,
-    model: nn.Module,
-    feature_spec: dict,
-    parity: dict,
+def request_metadata(
+    onnx_request_model: bytes, serving_model: nn.Module, model: nn.Module, feature_spec: dict
 ) -> dict:
-    """What a scorer needs beside the graphs and the id tables (written once parity passed).
+    """What `attention_ctr.serving.Scorer` needs beside the request graph and the id tables.
 
     `model_sha256` is the trained model's fingerprint (before the cold-start rows were added),
     the same one its test metrics carry.
@@ -312,7 +307,6 @@ def describe_serving(
         "model": serving_model.name,
         "model_sha256": fingerprint(model),
         "config": config,
-        "onnx_sha256": hashlib.sha256(onnx_model).hexdigest(),
         "request_onnx_sha256": hashlib.sha256(onnx_request_model).hexdigest(),
         "inputs": [item.name for item in session.get_inputs()],
         "output": session.get_outputs()[0].name,
@@ -324,6 +318,22 @@ def describe_serving(
         "n_categories": int(config["n_categories"]),
         "cold_start_row_offset": int(config["n_items"]),
         "padding_id": 0,
+    }
+
+
+def describe_serving(
+    onnx_model: bytes,
+    onnx_request_model: bytes,
+    serving_model: nn.Module,
+    model: nn.Module,
+    feature_spec: dict,
+    parity: dict,
+) -> dict:
+    """The serving metadata, written once parity passed: the request graph's, the batch
+    graph's sha256 and the parity figures."""
+    return {
+        **request_metadata(onnx_request_model, serving_model, model, feature_spec),
+        "onnx_sha256": hashlib.sha256(onnx_model).hexdigest(),
         "parity_max_abs_diff": parity["max_abs_diff"],
         "parity_tolerance": parity["tolerance"],
     }

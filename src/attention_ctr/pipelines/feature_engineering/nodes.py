@@ -276,17 +276,22 @@ def assemble_samples(
 
 
 def build_cold_start_tables(
-    item_frequency: pd.DataFrame, params: dict
+    item_frequency: pd.DataFrame, train_samples: pd.DataFrame
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Cold items (< min_count training interactions) and each category's averaging weights.
+    """Items training never saw, and each category's frequency-weighted averaging weights.
 
-    A cold item's embedding is later replaced by its category's average over warm items,
-    weighted by their training frequency; the weights of a category sum to 1.
+    An item is cold when it is in no training sample (neither a behaviour nor a sampled
+    negative): its embedding row is still its random initialisation, so it takes its category's
+    average over the items with training behaviours, weighted by their counts (a category's
+    weights sum to 1). Rare items that training did see keep their own rows; training blends
+    them toward the average only as far as validation says it helps (`cold_start.blend_grid`).
     """
-    min_count = int(params["min_count"])
     count = item_frequency["train_count"].to_numpy()
-    cold = item_frequency.loc[count < min_count, ["item", "category", "train_count"]]
-    warm = item_frequency.loc[count >= min_count, ["category", "item", "train_count"]]
+    seen = np.isin(item_frequency["item"].to_numpy(), train_samples["item"].to_numpy()) | (
+        count > 0
+    )
+    cold = item_frequency.loc[~seen, ["item", "category", "train_count"]]
+    warm = item_frequency.loc[count > 0, ["category", "item", "train_count"]]
     totals = warm.groupby("category")["train_count"].transform("sum")
     weights = pd.DataFrame(
         {
@@ -350,9 +355,8 @@ def describe_features(
         "negatives_not_found": positives * ratio - negatives,
         "negative_history_not_found": int((events["neg_item"] == 0).sum()),
         "cold_start": {
-            "min_count": int(params["cold_start"]["min_count"]),
-            "cold_items": len(cold_start_items),
-            "warm_items": len(cold_start_weights),
+            "cold_items_never_in_training": len(cold_start_items),
+            "items_with_training_behaviours": len(cold_start_weights),
             "cold_categories_without_warm_items": len(cold_categories),
         },
         "mean_history_length": {

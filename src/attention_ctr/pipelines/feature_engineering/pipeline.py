@@ -56,7 +56,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 build_cold_start_tables,
-                ["item_frequency", f"{PARAMS}.cold_start"],
+                ["item_frequency", "train_samples"],
                 ["cold_start_items", "cold_start_weights"],
                 name="build_cold_start_tables",
             ),

@@ -13,7 +13,8 @@ from attention_ctr.models import build_model
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.training import (
     TrainingConfig,
-    apply_category_average,
+    blend_toward_category,
+    choose_blend,
     fit,
     pick_device,
     seed_everything,
@@ -69,10 +70,54 @@ def fit_model(
     return fit(model, train, validation, config, frequency)
 
 
+def choose_cold_start_blend(
+    trained_model: nn.Module,
+    validation_samples: pd.DataFrame,
+    events: pd.DataFrame,
+    feature_spec: dict,
+    item_frequency: pd.DataFrame,
+    cold_start_items: pd.DataFrame,
+    cold_start_weights: pd.DataFrame,
+    model_block: dict,
+    training: dict,
+    cold_start: dict,
+) -> dict:
+    """Choose the blend of rare items toward their category's average by validation AUC."""
+    config = training_config(training, model_block)
+    device = pick_device(config.device)
+    validation = SampleTensors(validation_samples, events, feature_spec, device)
+    choice = choose_blend(
+        trained_model,
+        validation,
+        item_frequency,
+        cold_start_items,
+        cold_start_weights,
+        list(cold_start["blend_grid"]),
+        config.eval_batch_size,
+    )
+    choice["model"] = trained_model.name
+    logger.info(
+        "%s: cold-start blend k = %g (validation AUC %.4f; without blend %.4f)",
+        trained_model.name,
+        choice["k"],
+        choice["validation_auc"],
+        choice["validation_auc_without_blend"],
+    )
+    return choice
+
+
 def apply_cold_start(
-    model: nn.Module, cold_start_items: pd.DataFrame, cold_start_weights: pd.DataFrame
+    trained_model: nn.Module,
+    item_frequency: pd.DataFrame,
+    cold_start_items: pd.DataFrame,
+    cold_start_weights: pd.DataFrame,
+    cold_start_blend: dict,
 ) -> nn.Module:
-    """Give cold items their category's frequency-weighted average embedding."""
-    replaced = apply_category_average(model, cold_start_items, cold_start_weights)
-    logger.info("%s: %d cold items now use their category's average", model.name, replaced)
-    return model
+    """Items never trained take their category's average; rare ones the chosen blend."""
+    return blend_toward_category(
+        trained_model,
+        item_frequency,
+        cold_start_items,
+        cold_start_weights,
+        float(cold_start_blend["k"]),
+    )

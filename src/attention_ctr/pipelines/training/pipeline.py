@@ -1,7 +1,12 @@
 from kedro.pipeline import Node, Pipeline
 
 from attention_ctr.pipelines import one_branch_per_model
-from attention_ctr.pipelines.training.nodes import apply_cold_start, fit_model, initialise_model
+from attention_ctr.pipelines.training.nodes import (
+    apply_cold_start,
+    choose_cold_start_blend,
+    fit_model,
+    initialise_model,
+)
 
 SHARED_INPUTS = {
     "train_samples",
@@ -40,8 +45,31 @@ def create_model_pipeline() -> Pipeline:
                 name="fit_model",
             ),
             Node(
+                choose_cold_start_blend,
+                [
+                    "trained_model",
+                    "validation_samples",
+                    "events",
+                    "feature_spec",
+                    "item_frequency",
+                    "cold_start_items",
+                    "cold_start_weights",
+                    "params:model_block",
+                    "params:training",
+                    "params:cold_start",
+                ],
+                "cold_start_blend",
+                name="choose_cold_start_blend",
+            ),
+            Node(
                 apply_cold_start,
-                ["trained_model", "cold_start_items", "cold_start_weights"],
+                [
+                    "trained_model",
+                    "item_frequency",
+                    "cold_start_items",
+                    "cold_start_weights",
+                    "cold_start_blend",
+                ],
                 "model",
                 name="apply_cold_start",
             ),
@@ -53,6 +81,6 @@ def create_pipeline(**kwargs) -> Pipeline:
     return one_branch_per_model(
         create_model_pipeline(),
         shared_inputs=SHARED_INPUTS,
-        parameters={"params:training"},
+        parameters={"params:training", "params:cold_start"},
         block_parameter="params:model_block",
     )
