@@ -326,7 +326,8 @@ def blend_toward_category(
     category = torch.as_tensor(item_frequency["category"].to_numpy(np.int64))
     count = torch.as_tensor(item_frequency["train_count"].to_numpy(np.float64), dtype=table.dtype)
     own_share = torch.ones_like(count) if k == 0 else count / (count + k)
-    own_share[torch.from_numpy(item_frequency["item"].isin(cold_items["item"]).to_numpy().copy())] = 0.0
+    never_trained = item_frequency["item"].isin(cold_items["item"]).to_numpy().copy()
+    own_share[torch.from_numpy(never_trained)] = 0.0
     own_share = torch.where(has_warm[category], own_share, torch.ones_like(own_share))
     table[item] = own_share[:, None] * table[item] + (1 - own_share[:, None]) * average[category]
     return blended

@@ -142,9 +142,7 @@ def test_ranking_is_what_eager_torch_ranks_and_identical_across_runs(evaluated):
         stored = catalog.load(f"{name}.ranking_metrics")
         versions = sorted((folder / name / "ranking_metrics.json").iterdir())
         assert len(versions) == 2
-        first, second = (
-            (version / "ranking_metrics.json").read_text() for version in versions
-        )
+        first, second = ((version / "ranking_metrics.json").read_text() for version in versions)
         assert first == second, "the ranking protocol must be seeded"
         probabilities = predict(catalog.load(f"{name}.model"), tensors, 1024)
         for distribution in params["distributions"]:
