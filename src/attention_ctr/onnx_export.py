@@ -207,10 +207,11 @@ class _DINRequest(_ExpandedRequest):
         scores = unit.unit.after_first_linear(hidden, keep).squeeze(-1).masked_fill(~keep, 0.0)
         if unit.normalization == "softmax":
             scores = masked_softmax(scores, keep)
-        features = [scores @ history[0], target]  # interest = sum_j w_j h_j: [K, E]
+        interest = scores @ history[0]  # sum_j w_j h_j: [K, E]
+        pooled = None
         if model.use_pooled_history:
-            features.append(masked_mean(history, batch["mask"]).expand(target.shape[0], -1))
-        return model.mlp(torch.cat(features, dim=-1)).squeeze(-1).float()
+            pooled = masked_mean(history, batch["mask"]).expand(target.shape[0], -1)
+        return model.head(interest, target, pooled)
 
 
 class _DIENRequest(_ExpandedRequest):

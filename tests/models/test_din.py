@@ -85,9 +85,16 @@ def test_prelu_option():
     assert model(batch()).shape == (5,)
 
 
-def test_pooled_history_option_widens_the_mlp_input():
-    assert make(use_pooled_history=True).mlp.linears[0].in_features == 3 * 16
-    assert make().mlp.linears[0].in_features == 2 * 16
+def test_mlp_input_is_interest_target_and_their_product_with_options():
+    assert make().mlp.linears[0].in_features == 3 * 16
+    assert make(use_pooled_history=True).mlp.linears[0].in_features == 4 * 16
+    assert make(interest_product=False).mlp.linears[0].in_features == 2 * 16
+    model, b = make().eval(), batch()
+    seen = {}
+    model.mlp.register_forward_pre_hook(lambda _, inputs: seen.setdefault("x", inputs[0]))
+    model(b)
+    interest, target, product = seen["x"].split(16, dim=-1)
+    torch.testing.assert_close(product, interest * target)
 
 
 def test_minibatch_aware_l2_regularization():

@@ -23,7 +23,10 @@ Shapes (B batch, L history length, E = 2 * embedding_dim):
     batch["mask"]                                     [B, L] bool
     history h [B, L, E], target t [B, E] -> unit input [B, L, 4E] -> weights [B, L]
     interest = sum_j w_j h_j [B, E]
-    MLP input [interest, t (, masked mean of h)] [B, 2E or 3E] -> logits [B]
+    MLP input [interest, t, interest * t (, masked mean of h)] [B, 3E or 4E] -> logits [B]
+    (the product is on by default, `interest_product`: the authors' released code has it, and
+    so does the pooling baseline, so attention is the only difference between the two; on
+    MovieLens it is worth about 0.02 ranking AUC, see docs/real_logs.md)
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class DIN(CTRModel):
         dropout: float = 0.0,
         l2_weight: float = 0.0,
         use_pooled_history: bool = False,
+        interest_product: bool = True,
         use_behavior: bool = False,
     ):
         super().__init__()
@@ -72,12 +76,13 @@ class DIN(CTRModel):
         self.max_history = max_history
         self.l2_weight = float(l2_weight)
         self.use_pooled_history = use_pooled_history
+        self.interest_product = interest_product
         self.embedding = BehaviorEmbedding(
             n_items, n_categories, embedding_dim, n_behaviors, use_behavior
         )
         dim = self.embedding.dim
         self.activation_unit = DINAttention(dim, attention_hidden, activation, normalization)
-        width = (3 if use_pooled_history else 2) * dim
+        width = (2 + interest_product + use_pooled_history) * dim
         self.mlp = MLP(width, mlp_hidden, activation, dropout, out_features=1)
 
     def attention(self, batch: Batch) -> Tensor:
@@ -90,7 +95,16 @@ class DIN(CTRModel):
         mask = batch["mask"]
         target, history, _ = self.embedding.lookup(batch)  # [B, E], [B, L, E]
         interest, _ = self.activation_unit(history, target, mask)  # [B, E]
+        pooled = masked_mean(history, mask) if self.use_pooled_history else None
+        return self.head(interest, target, pooled)
+
+    def head(self, interest: Tensor, target: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """MLP on [interest, target, interest * target (option), pooled history (option)]
+        -> logits `[B]`. The product is the authors' released code's (zhougr1993/
+        DeepInterestNetwork, din/model.py), as in the pooling baseline."""
         features = [interest, target]
-        if self.use_pooled_history:
-            features.append(masked_mean(history, mask))
+        if self.interest_product:
+            features.append(interest * target)
+        if pooled is not None:
+            features.append(pooled)
         return self.mlp(torch.cat(features, dim=-1)).squeeze(-1).float()

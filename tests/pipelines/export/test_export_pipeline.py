@@ -126,4 +126,4 @@ def test_export_refuses_a_model_trained_on_other_features():
     item_ids = pd.DataFrame({"raw_id": range(9), "item": range(1, 10), "category": [1] * 9})
     weights = pd.DataFrame({"category": [1], "item": [1], "weight": [1.0]})
     with pytest.raises(ValueError, match="trained on 10 items .* 9 items .* retrain"):
-        add_cold_start_rows(model, item_ids, weights)
+        add_cold_start_rows(model, model, item_ids, weights)

@@ -335,6 +335,7 @@ def _score_lists(scorer: Scorer, rows: pd.DataFrame, histories: list, donor: np.
 
 def rank_test_users(
     model: nn.Module,
+    trained_model: nn.Module,
     ranking_candidates: pd.DataFrame,
     events: pd.DataFrame,
     item_ids: pd.DataFrame,
@@ -353,7 +354,9 @@ def rank_test_users(
     (every user's candidates scored against another user's history, a derangement): a model
     that loses nothing there does not use the history.
     """
-    serving_model = add_cold_start_rows(model.cpu().eval(), item_ids, cold_start_weights)
+    serving_model = add_cold_start_rows(
+        model.cpu().eval(), trained_model, item_ids, cold_start_weights
+    )
     graph = export_request_onnx(serving_model)
     items, categories = build_serving_tables(
         item_ids, category_ids, item_frequency, cold_start_items, cold_start_weights

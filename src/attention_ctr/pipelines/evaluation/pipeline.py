@@ -88,6 +88,7 @@ def create_model_pipeline() -> Pipeline:
                 rank_test_users,
                 [
                     "model",
+                    "trained_model",
                     "ranking_candidates",
                     "events",
                     "item_ids",

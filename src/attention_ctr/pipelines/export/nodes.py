@@ -27,14 +27,18 @@ class ParityError(ValueError):
 
 
 def add_cold_start_rows(
-    model: nn.Module, item_ids: pd.DataFrame, cold_start_weights: pd.DataFrame
+    model: nn.Module,
+    trained_model: nn.Module,
+    item_ids: pd.DataFrame,
+    cold_start_weights: pd.DataFrame,
 ) -> nn.Module:
     """A copy of the model whose item table gains row `n_items + c` per category c (cold start).
 
-    The row holds category c's frequency-weighted average over its warm items, the vector that
-    training gave the category's cold items, so the exported graph can score an item it has
-    never seen from its category alone. A category without warm items gets the plain mean of
-    its items' rows. Known rows are untouched.
+    The row holds category c's frequency-weighted average over the rows training left
+    (`trained_model`, before the cold-start blend): the vector the category's never-trained
+    items were given, so the exported graph scores an item it has never seen from its
+    category alone. A category without trained items gets the plain mean of its items' rows.
+    Known rows are `model`'s, untouched.
     """
     n_items, n_categories = int(model.config["n_items"]), int(model.config["n_categories"])
     top_category = int(item_ids["category"].to_numpy().max(initial=0))
@@ -44,8 +48,14 @@ def add_cold_start_rows(
             f"but item_ids has {len(item_ids)} items (categories up to {top_category}): "
             "retrain after feature engineering"
         )
+    if trained_model.item_embedding.weight.shape != model.item_embedding.weight.shape:
+        raise ValueError(
+            f"{model.name}.trained_model and {model.name}.model have item tables of different "
+            "shapes: they come from different training runs"
+        )
     table = model.item_embedding.weight.detach().cpu()
-    average, has_warm = category_average(table, cold_start_weights, n_categories)
+    trained = trained_model.item_embedding.weight.detach().cpu()
+    average, has_warm = category_average(trained, cold_start_weights, n_categories)
     category = torch.as_tensor(item_ids["category"].to_numpy(np.int64))
     item = torch.as_tensor(item_ids["item"].to_numpy(np.int64))
     counts = torch.bincount(category, minlength=n_categories + 1).clamp_min(1)

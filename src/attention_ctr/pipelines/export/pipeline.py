@@ -31,7 +31,7 @@ def create_model_pipeline() -> Pipeline:
         [
             Node(
                 add_cold_start_rows,
-                ["model", "item_ids", "cold_start_weights"],
+                ["model", "trained_model", "item_ids", "cold_start_weights"],
                 "serving_model",
                 name="add_cold_start_rows",
             ),

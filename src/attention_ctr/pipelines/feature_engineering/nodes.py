@@ -11,6 +11,8 @@ import logging
 import numpy as np
 import pandas as pd
 
+from attention_ctr.ranking import popularity_sampler, uniform_sampler
+
 logger = logging.getLogger(__name__)
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
@@ -149,22 +151,40 @@ def count_item_frequency(
     )
 
 
-def _sampler(item_frequency: pd.DataFrame, distribution: str):
-    """Draw encoded item ids uniformly or in proportion to training frequency."""
+def _sampler(item_frequency: pd.DataFrame, sampling: dict):
+    """Draw encoded item ids uniformly, by training frequency, or a mix of the two.
+
+    `mixed` draws each negative by popularity with probability `popularity_share`, else
+    uniformly: uniform negatives teach what an item is worth by itself, popularity negatives
+    what this user prefers among items that are often chosen.
+    """
+    distribution = sampling["distribution"]
     items = item_frequency["item"].to_numpy()
+    counts = item_frequency["train_count"].to_numpy()
     if distribution == "uniform":
-        return lambda rng, size: items[rng.integers(0, len(items), size)]
+        return uniform_sampler(items)
+    if distribution not in ("popularity", "mixed"):
+        raise ValueError(
+            f"Parameter feature_engineering.negative_sampling.distribution is {distribution!r}; "
+            "expected 'uniform', 'popularity' or 'mixed'"
+        )
+    if counts.sum() <= 0:
+        raise ValueError(
+            f"negative_sampling.distribution {distribution!r} needs items with training "
+            "behaviours, and there are none"
+        )
+    popular = popularity_sampler(items, counts)
     if distribution == "popularity":
-        cdf = np.cumsum(item_frequency["train_count"].to_numpy(dtype=np.float64))
-        if cdf[-1] <= 0:
-            raise ValueError("negative_sampling.distribution 'popularity' needs training data")
-        cdf /= cdf[-1]
-        return lambda rng, size: items[
-            np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), len(items) - 1)
-        ]
-    raise ValueError(
-        f"Parameter feature_engineering.negative_sampling.distribution is {distribution!r}; "
-        "expected 'uniform' or 'popularity'"
+        return popular
+    share = float(sampling.get("popularity_share", 0.5))
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(
+            f"Parameter feature_engineering.negative_sampling.popularity_share is {share}; "
+            "expected a share between 0 and 1"
+        )
+    uniform = uniform_sampler(items)
+    return lambda rng, size: np.where(
+        rng.random(size) < share, popular(rng, size), uniform(rng, size)
     )
 
 
@@ -214,7 +234,7 @@ def add_negative_history(
         events["user"].to_numpy(),
         user_item_keys,
         len(item_frequency),
-        _sampler(item_frequency, sampling["distribution"]),
+        _sampler(item_frequency, sampling),
         rng,
         int(sampling["max_rounds"]),
     )
@@ -239,7 +259,7 @@ def assemble_samples(
         positives["user"].to_numpy()[source],
         user_item_keys,
         len(item_frequency),
-        _sampler(item_frequency, sampling["distribution"]),
+        _sampler(item_frequency, sampling),
         rng,
         int(sampling["max_rounds"]),
     )
