@@ -92,7 +92,7 @@ def main() -> int:
         sizes = {key: spec[key] for key in ("n_items", "n_categories", "n_behaviors")}
         sizes.update(n_time_gap_buckets=spec["n_time_gap_buckets"], max_history=HISTORY)
         model = build_model(name, **sizes, **fixed_size(name))
-        model = add_cold_start_rows(model.eval(), tables["item_ids"], tables["weights"])
+        model = add_cold_start_rows(model.eval(), model, tables["item_ids"], tables["weights"])
         graph = export_onnx(model)
         session = onnx_session(graph, args.threads)
         request_graph = export_request_onnx(model)
