@@ -211,6 +211,7 @@ class BST(CTRModel):
         attention_dropout: float = 0.0,
         output: str = "concat",
         dropout: float = 0.0,
+        l2_weight: float = 0.0,
         use_behavior: bool = False,
     ):
         super().__init__()
@@ -224,6 +225,7 @@ class BST(CTRModel):
         self.position = position
         self.output = output
         self.max_history = max_history
+        self.l2_weight = float(l2_weight)  # DIN's mini-batch aware L2 (CTRModel.regularization)
         self.embedding = BehaviorEmbedding(
             n_items, n_categories, embedding_dim, n_behaviors, use_behavior
         )

@@ -82,6 +82,7 @@ class DIEN(CTRModel):
         aux_activation: str = "prelu",
         activation: str = "dice",
         dropout: float = 0.0,
+        l2_weight: float = 0.0,
         use_behavior: bool = False,
     ):
         super().__init__()
@@ -89,6 +90,7 @@ class DIEN(CTRModel):
         if aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0 (paper: > 0), got {aux_weight}")
         self.max_history = max_history
+        self.l2_weight = float(l2_weight)  # DIN's mini-batch aware L2 (CTRModel.regularization)
         self.aux_weight = float(aux_weight)
         self.embedding = BehaviorEmbedding(
             n_items, n_categories, embedding_dim, n_behaviors, use_behavior

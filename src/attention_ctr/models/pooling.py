@@ -43,6 +43,7 @@ class PoolingModel(CTRModel):
         activation: str = "dice",
         dropout: float = 0.0,
         pooling: str = "mean",
+        l2_weight: float = 0.0,
         use_behavior: bool = False,
     ):
         super().__init__()
@@ -51,6 +52,7 @@ class PoolingModel(CTRModel):
             raise ValueError(f"pooling must be 'mean' or 'sum', got {pooling!r}")
         self.pooling = pooling
         self.max_history = max_history
+        self.l2_weight = float(l2_weight)  # DIN's mini-batch aware L2 (CTRModel.regularization)
         self.embedding = BehaviorEmbedding(
             n_items, n_categories, embedding_dim, n_behaviors, use_behavior
         )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import SMALL_SYNTHETIC
 
+from attention_ctr.pipelines.feature_engineering.nodes import _sampler
 from attention_ctr.sandbox import run_pipeline
 from attention_ctr.sequences import SampleTensors
 
@@ -111,6 +112,22 @@ def test_negatives_never_come_from_the_users_own_history(features):
     assert (events["neg_item"] > 0).all()
     category_of = features["item_ids"].set_index("item")["category"]
     assert (category_of.loc[events["neg_item"]].to_numpy() == events["neg_category"]).all()
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_mixed_negatives_draw_their_share_by_popularity(share):
+    # items 1..100, only item 1 was ever trained on: every popularity draw is item 1
+    frequency = pd.DataFrame(
+        {"item": np.arange(1, 101), "category": 1, "train_count": np.r_[1, np.zeros(99, int)]}
+    )
+    draw = _sampler(frequency, {"distribution": "mixed", "popularity_share": share})
+    drawn = draw(np.random.default_rng(0), 20_000)
+    uniform_ones = (1 - share) / 100
+    assert np.mean(drawn == 1) == pytest.approx(share + uniform_ones, abs=0.01)
+    with pytest.raises(ValueError, match="popularity_share"):
+        _sampler(frequency, {"distribution": "mixed", "popularity_share": 1.5})
+    with pytest.raises(ValueError, match="'uniform', 'popularity' or 'mixed'"):
+        _sampler(frequency, {"distribution": "zipf"})
 
 
 def test_ids_are_contiguous_from_one_and_map_back_to_raw_ids(features):
