@@ -28,7 +28,7 @@ def test_walkthrough_notebook_runs_on_a_real_project(exported_run):
     )
     assert all(name in text for name in MODELS)  # the comparison table
     assert "over the pooling baseline" in text
-    assert sum("image/png" in output.get("data", {}) for output in outputs) == 4  # the plots
+    assert sum("image/png" in output.get("data", {}) for output in outputs) == 5  # the plots
     assert "nothing of this model was promoted before" in text  # the promotion report
     explanations = [o for o in outputs if "ranks" in o.get("data", {}).get("text/markdown", "")]
     assert explanations

@@ -85,7 +85,7 @@ def test_cold_start_blend_is_the_shrinkage_with_the_k_validation_chose(trained):
                 torch.testing.assert_close(table[cold_here], average.expand(len(cold_here), -1))
             # trained items: (n * own + k * average) / (n + k)
             seen = group["item"].to_numpy()
-            n = torch.as_tensor(frequency.loc[seen, "train_count"].to_numpy(np.float32))[:, None]
+            n = torch.tensor(frequency.loc[seen, "train_count"].to_numpy(np.float32))[:, None]
             expected = (n * trained_rows[seen] + k * average) / (n + k)
             torch.testing.assert_close(table[seen], expected)
 
