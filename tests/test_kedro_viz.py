@@ -104,6 +104,11 @@ def browser():
 
 def _open(browser, url: str, pipeline: str, *, expand: bool = True):
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    # The whole project is over kedro-viz's size-warning threshold, which would hold the
+    # drawing behind a "Render it anyway" prompt; switch the warning off as a user would.
+    page.add_init_script(
+        "localStorage.setItem('KedroViz', JSON.stringify({flags: {sizewarning: false}}))"
+    )
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(f"{url}/?pid={pipeline}&expandAllPipelines={str(expand).lower()}")
