@@ -26,7 +26,8 @@ import torch
 from _common import HISTORY, PROJECT_ROOT, build_features, fixed_size
 from kedro.config import OmegaConfigLoader
 
-from attention_ctr.models import build_model, cpu_kernels
+from attention_ctr import kernels
+from attention_ctr.models import build_model
 from attention_ctr.pipelines.training.nodes import training_config
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.settings import CONFIG_LOADER_ARGS
@@ -95,7 +96,7 @@ def main() -> int:
     }
     print(
         f"\ndevice {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-        f"kernels' matmuls: {cpu_kernels.matmul_backend()}; "
+        f"recurrence kernel's matmuls: {kernels.matmul_backend()}; "
         f"{len(train):,} training samples, history <= {spec['max_history']}"
     )
     print(

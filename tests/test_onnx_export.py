@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attention_ctr.models import build_model, random_batch
-from attention_ctr.models.layers import Dice
+from attention_ctr.models.activations import Dice
 from attention_ctr.onnx_export import export_onnx, export_request_onnx, onnx_feed, onnx_session
 
 MAX_HISTORY = 6

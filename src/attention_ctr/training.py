@@ -25,8 +25,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from attention_ctr.models import cpu_kernels
-from attention_ctr.models.cpu_kernels import has_cxx_compiler
+from attention_ctr import kernels
+from attention_ctr.kernels import has_cxx_compiler
 from attention_ctr.sequences import SampleTensors
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def fit(
     device = train.device
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
-        cpu_kernels.available()  # built (once per machine) before the first epoch's clock starts
+        kernels.available()  # built (once per machine) before the first epoch's clock starts
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     # fused: one kernel over all parameters (CPU and CUDA), ~2x faster than the per-tensor loop

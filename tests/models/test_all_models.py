@@ -157,6 +157,20 @@ def test_padded_content_does_not_change_the_output(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("length", [1, 4, MAX_HISTORY])
+def test_request_forward_is_forward_on_the_repeated_history(name, length):
+    """`score_request` (one history against K candidates, what the request graph runs) is
+    `forward` with the history repeated for every candidate."""
+    model = make(name).eval()
+    b = batch(batch_size=5, length=length)
+    request = {key: value[:1] if value.dim() == 2 else value for key, value in b.items()}
+    repeated = {key: value.expand(5, -1) for key, value in request.items() if value.dim() == 2}
+    with torch.no_grad():
+        expected = model({**request, **repeated})
+        torch.testing.assert_close(model.score_request(request), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("train", [False, True])
 def test_more_padding_columns_do_not_change_the_output(name, train):
     """Also in training mode: batch statistics (Dice) must skip padded positions."""

@@ -7,7 +7,7 @@ import torch
 from model_sizes import SIZES
 
 from attention_ctr.models import BST, random_batch
-from attention_ctr.models.bst import TransformerBlock, fast_dropout
+from attention_ctr.models.bst import TransformerBlock
 
 MAX_HISTORY = 6
 SMALL = {
@@ -135,47 +135,3 @@ def test_bad_options_are_rejected():
         make(output="cls")
     with pytest.raises(ValueError, match="max_history"):
         make().eval()(batch(length=MAX_HISTORY + 1))
-
-
-def test_fast_dropout_keeps_one_minus_p_and_rescales():
-    torch.manual_seed(0)
-    x = torch.ones(200, 500)
-    out = fast_dropout(x, 0.1, training=True)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.005
-    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.9), rtol=1e-4, atol=0)
-    assert not torch.equal(kept, fast_dropout(x, 0.1, training=True) != 0)  # fresh masks
-    assert fast_dropout(x, 0.1, training=False) is x
-    x.requires_grad_()
-    out = fast_dropout(x, 0.1, training=True)
-    out.sum().backward()
-    torch.testing.assert_close(x.grad, out.detach())  # gradient = mask * scale
-
-
-@pytest.mark.parametrize("length", [1, 3, MAX_HISTORY])
-def test_concat_output_without_padding_to_max_history_is_the_same_function(length):
-    """Outside export the encoder skips the padding to max_history: same logits and grads as
-    the fixed-width `tokens()` -> encoder -> flatten -> MLP that the ONNX graphs run."""
-    model = make(transformer_dropout=0.0).double()
-    b = batch(4, length)
-
-    def padded_logits() -> torch.Tensor:
-        x, keep = model.tokens(b)
-        assert x.shape[1] == MAX_HISTORY + 1
-        for layer in model.layers:
-            x = layer(x, keep)
-        features = x.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
-        return model.mlp(features).squeeze(-1)
-
-    trimmed, expected = model(b), padded_logits()
-    assert model.tokens(b, pad=False)[0].shape[1] == length + 1
-    torch.testing.assert_close(trimmed.double(), expected)
-    parameters = list(model.parameters())
-    for got, want in zip(
-        torch.autograd.grad(trimmed.sum(), parameters, allow_unused=True),
-        torch.autograd.grad(expected.sum(), parameters, allow_unused=True),
-    ):
-        if want is None:
-            assert got is None or not got.any()
-        else:
-            torch.testing.assert_close(got, want)

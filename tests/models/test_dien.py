@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from model_sizes import SIZES
 
-from attention_ctr.models import DIEN, cpu_kernels, random_batch
-from attention_ctr.models.layers import AUGRUCell
+from attention_ctr.models import DIEN, random_batch
+from attention_ctr.models.recurrence import AUGRUCell
 
 SMALL = {
     **SIZES,
@@ -91,36 +91,6 @@ def test_auxiliary_loss_uses_the_negative_history():
         model.auxiliary_loss(none), model.auxiliary_loss(none_other_category)
     )
     assert not torch.allclose(model.auxiliary_loss(none), aux)
-
-
-@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
-@pytest.mark.parametrize("use_behavior", [False, True])
-def test_auxiliary_terms_looked_up_at_the_valid_pairs_equal_the_dense_grid(
-    monkeypatch, kernels, use_behavior
-):
-    """On CPU the next behaviours are looked up only where behaviour t + 1 is real; the loss
-    and every gradient equal the dense [B, L-1] grid's (what CUDA computes)."""
-    if not kernels:
-        monkeypatch.setattr(cpu_kernels, "usable", lambda *_, **__: False)
-    b = batch(batch_size=9)
-    b["neg_item"][1, 3] = 0  # a missing negative: no term, whatever its category
-    b["neg_category"][1, 3] = 2
-    assert not bool(b["mask"][:, 1:].all())
-
-    def loss_and_gradients(dense: bool):
-        model = make(use_behavior=use_behavior).train()
-        if dense:
-            monkeypatch.setattr(DIEN, "_auxiliary_pairs", staticmethod(lambda _: None))
-        logits, aux = model.forward_with_auxiliary(b)
-        (logits.sum() + aux).backward()
-        return aux.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-    pairs_loss, pairs_grads = loss_and_gradients(dense=False)
-    dense_loss, dense_grads = loss_and_gradients(dense=True)
-    torch.testing.assert_close(pairs_loss, dense_loss)
-    assert pairs_grads.keys() == dense_grads.keys()
-    for name in dense_grads:
-        torch.testing.assert_close(pairs_grads[name], dense_grads[name], msg=name)
 
 
 def test_auxiliary_loss_without_any_next_behaviour_is_zero():
@@ -214,27 +184,14 @@ def _assert_same_gradients(fast, expected, inputs, upstream=None):
         torch.testing.assert_close(got, want)
 
 
-def test_cpu_training_extractor_is_the_nn_gru():
-    """CPU training runs the extractor GRU through `gated_recurrence`: same states, same grads."""
-    model = make().train()
-    history = torch.randn(4, 6, 16, requires_grad=True)
-    fast = model._interest_states(history)
-    expected, _ = model.extractor(history)
-    torch.testing.assert_close(fast, expected)
-    _assert_same_gradients(fast, expected, [history, *model.extractor.parameters()])
-
-
-def test_cpu_training_extractor_stops_each_row_at_its_length():
-    """Given the mask, real positions get nn.GRU's states and gradients; padding repeats the
-    last real state."""
+def test_training_extractor_is_the_nn_gru():
+    """Whichever path CPU training takes (`ops`: the optional kernel or `nn.GRU`), the states on
+    real positions and the gradients through them are `nn.GRU`'s."""
     model = make().train()
     history = torch.randn(4, 6, 16, requires_grad=True)
     mask = torch.arange(6) < torch.tensor([6, 3, 1, 0]).unsqueeze(-1)
-    fast = model._interest_states(history, mask)
+    states = model.interest_states(history, mask)
     expected, _ = model.extractor(history)
-    torch.testing.assert_close(fast[mask], expected[mask])
-    for b, n in enumerate([6, 3, 1, 0]):
-        last = expected[b, n - 1] if n else torch.zeros(expected.shape[-1])
-        torch.testing.assert_close(fast[b, n:], last.expand(6 - n, -1))
+    torch.testing.assert_close(states[mask], expected[mask])
     upstream = torch.randn_like(expected) * mask.unsqueeze(-1)  # what DIEN reads
-    _assert_same_gradients(fast, expected, [history, *model.extractor.parameters()], upstream)
+    _assert_same_gradients(states, expected, [history, *model.extractor.parameters()], upstream)

@@ -7,7 +7,8 @@ import torch
 from model_sizes import SIZES
 
 from attention_ctr.models import DIN, random_batch
-from attention_ctr.models.layers import Dice, PReLU, minibatch_aware_l2
+from attention_ctr.models.activations import Dice, PReLU
+from attention_ctr.models.base import minibatch_aware_l2
 
 SMALL = {
     **SIZES,
@@ -123,22 +124,3 @@ def test_padding_rows_get_zero_weight_even_with_padding_ids_nonzero(normalizatio
     b["hist_item"] = torch.where(b["mask"], b["hist_item"], 7)
     weights = model.attention(b)
     assert (weights[~b["mask"]] == 0).all()
-
-
-@pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("padded", [True, False])
-def test_skipping_padding_rows_changes_nothing(train, padded):
-    """The CPU path (unit on real positions only) equals the dense masked path (export)."""
-    torch.manual_seed(0)
-    unit = make().activation_unit.train(train)
-    history, target = torch.randn(6, 5, 16), torch.randn(6, 16)
-    lengths = torch.tensor([5, 3, 1, 2, 5, 4]) if padded else torch.full((6,), 5)
-    mask = torch.arange(5)[None, :] < lengths[:, None]
-    history = history.requires_grad_()
-    dense = unit.scores(history, target, mask, skip_padding=False)
-    (grad_dense,) = torch.autograd.grad(dense.square().sum(), history)
-    packed = unit.scores(history, target, mask, skip_padding=True)
-    (grad_packed,) = torch.autograd.grad(packed.square().sum(), history)
-    torch.testing.assert_close(packed, dense)
-    torch.testing.assert_close(grad_packed, grad_dense)
-    assert (packed[~mask] == 0).all()

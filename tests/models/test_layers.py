@@ -6,18 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_ctr.models.layers import (
-    MLP,
-    AUGRUCell,
-    BehaviorEmbedding,
-    Dice,
-    DINAttention,
-    PReLU,
-    gated_recurrence,
-    gather_positions,
-    masked_softmax,
-    minibatch_aware_l2,
-)
+from attention_ctr.models.activations import Dice, PReLU
+from attention_ctr.models.attention import DINAttention, masked_softmax
+from attention_ctr.models.base import minibatch_aware_l2
+from attention_ctr.models.embedding import BehaviorEmbedding
+from attention_ctr.models.mlp import MLP
+from attention_ctr.models.recurrence import AUGRUCell
 
 
 def _dice_by_hand(x, mean, var, alpha, eps):
@@ -117,8 +111,7 @@ def test_prelu_has_one_slope_per_unit_of_the_last_dimension():
     assert torch.equal(prelu(-x), -x)
 
 
-def test_prelu_training_path_equals_f_prelu_in_value_and_gradient():
-    """CPU training runs `_PReLUFunction` (faster backward); eval and export run `F.prelu`."""
+def test_prelu_is_f_prelu_along_the_last_dimension_in_value_and_gradient():
     torch.manual_seed(0)
     prelu = PReLU(4).double()
     with torch.no_grad():
@@ -260,7 +253,7 @@ def test_augru_full_attention_is_a_standard_gru_step():
 
 
 def test_augru_sequence_equals_its_steps_in_value_and_gradient():
-    """The training path (hand-written BPTT) against autograd through `step`, in float64."""
+    """`sequence` against the paper's equations step by step, in float64."""
     torch.manual_seed(0)
     cell = AUGRUCell(5, 4).double()
     x = torch.randn(3, 7, 5, dtype=torch.double, requires_grad=True)
@@ -273,22 +266,23 @@ def test_augru_sequence_equals_its_steps_in_value_and_gradient():
     for t in range(7):
         h = _augru_by_hand(cell, x[:, t], h, a[:, t])
         states.append(h)
-    fused = cell.sequence(x, a)
-    torch.testing.assert_close(fused, h)
+    final = cell.sequence(x, a)
+    torch.testing.assert_close(final, h)
     assert torch.equal(states[3][1], states[6][1])
-    plain = cell.eval().sequence(x, a)  # the plain loop (eval, export)
-    torch.testing.assert_close(plain, h)
-    cell.train()
 
     upstream = torch.randn(3, 4, dtype=torch.double)
     inputs = [x, a, *cell.parameters()]
     expected = torch.autograd.grad(h, inputs, upstream)
-    for got, want in zip(torch.autograd.grad(fused, inputs, upstream), expected):
+    for got, want in zip(torch.autograd.grad(final, inputs, upstream), expected):
         torch.testing.assert_close(got, want)
-    assert torch.autograd.gradcheck(
-        lambda x, a: cell.sequence(x, a),
-        (x.detach()[:, :3].requires_grad_(), a.detach()[:, :3].requires_grad_()),
-    )
+
+
+def test_augru_sequence_of_one_history_against_many_attentions():
+    """A request's K candidates share one history: `x` `[1, L, I]` with attention `[K, L]`."""
+    torch.manual_seed(0)
+    cell = AUGRUCell(5, 4)
+    x, a = torch.randn(1, 7, 5), torch.rand(3, 7)
+    torch.testing.assert_close(cell.sequence(x, a), cell.sequence(x.expand(3, -1, -1), a))
 
 
 def test_augru_sequence_under_bf16_autocast_is_float32():
@@ -301,24 +295,6 @@ def test_augru_sequence_under_bf16_autocast_is_float32():
     assert h.dtype == torch.float32
     h.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(cell.weight_hh.grad).all()
-
-
-def test_gated_recurrence_without_attention_is_nn_gru():
-    """The extractor's CPU training path against `nn.GRU` itself, values and gradients."""
-    torch.manual_seed(0)
-    gru = torch.nn.GRU(5, 4, batch_first=True).double()
-    x = torch.randn(3, 7, 5, dtype=torch.double, requires_grad=True)
-    expected, _ = gru(x)
-    weights = (gru.weight_ih_l0, gru.bias_ih_l0, gru.weight_hh_l0, gru.bias_hh_l0)
-    states = gated_recurrence(x, *weights)
-    torch.testing.assert_close(states, expected)
-    upstream = torch.randn(3, 7, 4, dtype=torch.double)
-    inputs = [x, *gru.parameters()]
-    for got, want in zip(
-        torch.autograd.grad(states, inputs, upstream),
-        torch.autograd.grad(expected, inputs, upstream),
-    ):
-        torch.testing.assert_close(got, want)
 
 
 def test_augru_input_and_hidden_biases_are_separate():
@@ -355,24 +331,9 @@ def test_minibatch_aware_l2_counts_each_present_row_once_over_its_frequency():
     assert touched.tolist() == [False, False, True, False, True, False]
 
 
-def test_gather_positions_is_advanced_indexing_in_value_and_gradient():
-    torch.manual_seed(0)
-    base = torch.randn(4, 7, 3, dtype=torch.double, requires_grad=True)
-    x = base[:, 1:6]  # a strided [4, 5, 3] view, as DIEN's shifted slices
-    row, position = torch.tensor([0, 0, 2, 3, 3]), torch.tensor([0, 4, 1, 2, 3])
-    y = base[:, :5] * 2
-    gathered = gather_positions([x, y], row, position)
-    expected = torch.stack([x[row, position], y[row, position]])
-    torch.testing.assert_close(gathered, expected)
-    upstream = torch.randn_like(gathered)
-    (got,) = torch.autograd.grad(gathered, base, upstream, retain_graph=True)
-    (want,) = torch.autograd.grad(expected, base, upstream)
-    torch.testing.assert_close(got, want)
-
-
 def test_behavior_embedding_gradients_reach_each_lookup():
-    """target, history and negatives come from one lookup split three ways: each piece's
-    gradient lands on its own ids (and none on the padding row)."""
+    """Target, history and negative history: each one's gradient lands on its own ids (and
+    none on the padding row)."""
     embedding = BehaviorEmbedding(6, 3, 2)
     batch = {
         "target_item": torch.tensor([1]),
@@ -383,7 +344,8 @@ def test_behavior_embedding_gradients_reach_each_lookup():
         "neg_item": torch.tensor([[4, 5]]),
         "neg_category": torch.tensor([[3, 3]]),
     }
-    target, history, negative = embedding.lookup(batch, negatives=True)
+    target, history = embedding.lookup(batch)
+    negative = embedding.negative_history(batch)
     (target.sum() + 2 * history.sum() + 3 * negative.sum()).backward()
     grad = embedding.item_embedding.weight.grad[:, 0]
     # item 3 and negative 5 sit on the padded position: they read as the padding row

@@ -2,7 +2,7 @@
 
 Every model takes keyword-only, JSON-serialisable constructor arguments (`model.config` holds
 them, so `build_model(model.name, **model.config)` rebuilds the architecture) and a batch dict
-of tensors (see `layers.py` for the conventions), and offers:
+of tensors (see `base.py` for the conventions), and offers:
 
 - `forward(batch) -> logits [B]` (no sigmoid),
 - `forward_with_auxiliary(batch) -> (logits [B], auxiliary loss or None)` (DIEN's loss, already
@@ -19,10 +19,10 @@ import hashlib
 
 import torch
 
+from attention_ctr.models.base import FEATURE_KEYS, CTRModel
 from attention_ctr.models.bst import BST
 from attention_ctr.models.dien import DIEN
 from attention_ctr.models.din import DIN
-from attention_ctr.models.layers import FEATURE_KEYS, CTRModel
 from attention_ctr.models.pooling import PoolingModel
 
 MODELS: dict[str, type[CTRModel]] = {

@@ -11,11 +11,9 @@ NOT softmax-normalised by default (the sum keeps the intensity of interest); pad
 gets exactly zero weight. Dice and the mini-batch aware L2 regulariser (`regularization`,
 weight `l2_weight`, off by default) are the paper's training techniques.
 
-Two exact speed-ups live in `layers.DINAttention` (tested against the written-out unit): the
-first Linear on the 4E-wide input is computed as a 2E-wide matmul plus a per-sample target
-term, and on CPU the unit runs on the real positions only (padding rows are never computed,
-so they cannot enter Dice's batch statistics either; CPU training gathers those rows' input
-and repeats the target term over them in fused kernels, `cpu_kernels`).
+The unit's first Linear is computed without building its 4E-wide input (an exact identity,
+`DINAttention.first_layer`), which also lets a request compute the history's own term once
+for all its candidates (`score_request`).
 
 Shapes (B batch, L history length, E = 2 * embedding_dim):
     batch["target_item"], batch["target_category"]   [B] int64
@@ -35,15 +33,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attention_ctr.models.layers import (
-    MLP,
-    Batch,
-    BehaviorEmbedding,
-    CTRModel,
-    DINAttention,
-    capture_config,
-    masked_mean,
-)
+from attention_ctr.models.attention import DINAttention, masked_mean
+from attention_ctr.models.base import Batch, CTRModel, capture_config
+from attention_ctr.models.embedding import BehaviorEmbedding
+from attention_ctr.models.mlp import MLP
 
 
 class DIN(CTRModel):
@@ -86,15 +79,25 @@ class DIN(CTRModel):
 
     def attention(self, batch: Batch) -> Tensor:
         """`[B, L]` activation weights (raw scores, or softmax), exactly 0 on padding."""
-        target, history, _ = self.embedding.lookup(batch)
+        target, history = self.embedding.lookup(batch)
         return self.activation_unit.weights(history, target, batch["mask"])
 
     def forward(self, batch: Batch) -> Tensor:
         """-> logits `[B]`."""
-        mask = batch["mask"]
-        target, history, _ = self.embedding.lookup(batch)  # [B, E], [B, L, E]
+        target, history = self.embedding.lookup(batch)  # [B, E], [B, L, E]
+        return self._logits(history, target, batch["mask"])
+
+    def score_request(self, batch: Batch) -> Tensor:
+        """One history `[1, L]` against K candidates -> logits `[K]`: the history's lookup and
+        its own term of the activation unit's first layer once, the rest per candidate."""
+        target, history = self.embedding.lookup(batch)  # [K, E], [1, L, E]
+        return self._logits(history, target, batch["mask"])
+
+    def _logits(self, history: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         interest, _ = self.activation_unit(history, target, mask)  # [B, E]
-        pooled = masked_mean(history, mask) if self.use_pooled_history else None
+        pooled = None
+        if self.use_pooled_history:
+            pooled = masked_mean(history, mask).expand(target.shape[0], -1)
         return self.head(interest, target, pooled)
 
     def head(self, interest: Tensor, target: Tensor, pooled: Tensor | None = None) -> Tensor:

@@ -21,8 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attention_ctr.models import cpu_kernels
-from attention_ctr.models.layers import MLP, Batch, BehaviorEmbedding, CTRModel, capture_config
+from attention_ctr.models.attention import weighted_sum
+from attention_ctr.models.base import Batch, CTRModel, capture_config
+from attention_ctr.models.embedding import BehaviorEmbedding
+from attention_ctr.models.mlp import MLP
 
 
 class PoolingModel(CTRModel):
@@ -68,8 +70,7 @@ class PoolingModel(CTRModel):
 
     def forward(self, batch: Batch) -> Tensor:
         """-> logits `[B]`."""
-        target, history, _ = self.embedding.lookup(batch)  # [B, E], [B, L, E]
-        weights = self.attention(batch).to(history.dtype)
-        pooled = cpu_kernels.weighted_sum(weights, history)  # [B, E]
+        target, history = self.embedding.lookup(batch)  # [B, E], [B, L, E]
+        pooled = weighted_sum(self.attention(batch), history)  # [B, E]
         features = torch.cat([pooled, target, pooled * target], dim=-1)
         return self.mlp(features).squeeze(-1).float()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attention_ctr.models import fingerprint
-from attention_ctr.models.layers import pad_positions
+from attention_ctr.models.base import pad_positions
 from attention_ctr.onnx_export import OPSET, onnx_feed, onnx_session
 from attention_ctr.sequences import SampleTensors, gather_history
 from attention_ctr.training import category_average
