@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import PROJECT_ROOT
+from sandbox import make_project_copy, run_pipeline
 from sklearn.metrics import log_loss, roc_auc_score
 
 from attention_ctr.models import MODELS
@@ -20,7 +21,6 @@ from attention_ctr.pipelines.evaluation.nodes import (
     ranking_metrics,
 )
 from attention_ctr.ranking import ranking_quality
-from attention_ctr.sandbox import make_project_copy, run_pipeline
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.training import blend_toward_category, predict
 
