@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# harness/sandbox.py (Kedro runs in a throw-away project copy) is not part of the package.
+sys.path.insert(0, str(PROJECT_ROOT / "harness"))
 
 # Kedro 1.7's config loader still calls OmegaConf's deprecated resolver API.
 warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", UserWarning)
@@ -49,7 +52,7 @@ def build_features(
     logs an environment such as `movielens` reads).
     """
     quiet_kedro_logging()
-    from attention_ctr.sandbox import make_project_copy, run_pipeline
+    from sandbox import make_project_copy, run_pipeline
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-features-"))
     try:

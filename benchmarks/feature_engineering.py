@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from attention_ctr.sandbox import make_project_copy, run_pipeline
+import _common  # noqa: F401  (puts harness/, where sandbox lives, on sys.path)
+from sandbox import make_project_copy, run_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

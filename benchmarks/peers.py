@@ -214,8 +214,9 @@ def prepare(dataset: str, directory: Path, args: argparse.Namespace) -> str:
     """Features of one dataset through our pipelines in a project copy kept for the
     per-model subprocesses; candidate lists and the peers' arrays saved beside it."""
     quiet_kedro_logging()
+    from sandbox import make_project_copy, run_pipeline
+
     from attention_ctr.pipelines.evaluation.nodes import draw_ranking_candidates
-    from attention_ctr.sandbox import make_project_copy, run_pipeline
 
     env, raw_files = DATASETS[dataset]
     params: dict = {}
@@ -439,8 +440,9 @@ def run_ours(model: str, directory: Path, spec: dict) -> dict:
     """This project: its `training` pipeline for one model in the project copy (parameters of
     the environment, early stopping, cold-start blend), then `rank_test_users`."""
     quiet_kedro_logging()
+    from sandbox import run_pipeline
+
     from attention_ctr.pipelines.evaluation.nodes import rank_test_users
-    from attention_ctr.sandbox import run_pipeline
 
     project = directory / "project"
     started = time.perf_counter()

@@ -50,6 +50,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")  # tracer warnings of the export
     torch.set_num_threads(args.threads)
 
+    from attention_ctr.bundle import add_cold_start_rows, build_serving_tables
     from attention_ctr.models import build_model, random_batch
     from attention_ctr.onnx_export import (
         export_onnx,
@@ -57,11 +58,7 @@ def main() -> int:
         onnx_feed,
         onnx_session,
     )
-    from attention_ctr.pipelines.export.nodes import (
-        add_cold_start_rows,
-        build_serving_tables,
-        describe_serving,
-    )
+    from attention_ctr.pipelines.export.nodes import describe_serving
     from attention_ctr.serving import Scorer
 
     tables = _id_tables(args.items, args.categories)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from sandbox import make_project_copy, run_pipeline
 
 from attention_ctr.models import MODELS
-from attention_ctr.sandbox import make_project_copy, run_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"

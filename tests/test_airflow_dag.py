@@ -16,9 +16,9 @@ from kedro.framework.project import pipelines
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.io import MemoryDataset
+from sandbox import make_project_copy, nested
 
 from attention_ctr.models import MODELS
-from attention_ctr.sandbox import make_project_copy, nested
 
 DAGS = PROJECT_ROOT / "dags"
 DAG_FILE = DAGS / "attention_ctr_retraining_dag.py"

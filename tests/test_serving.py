@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +193,43 @@ def test_bad_input_gives_clear_errors(served):
         )
     with pytest.raises(FileNotFoundError, match="No export of wide_and_deep"):
         Scorer.from_project(project, "wide_and_deep")
+
+
+# Run in a fresh interpreter where the training stack cannot be imported at all, as on a server
+# that installed only the serving dependencies.
+_WITHOUT_TRAINING_STACK = """
+import importlib.abc, json, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "kedro", "kedro_datasets", "sklearn", "onnx"}:
+            raise ImportError(f"{name} is not installed on this server")
+
+sys.meta_path.insert(0, Blocked())
+from attention_ctr.serving import Scorer
+
+files, request = json.loads(sys.stdin.read())
+scorer = Scorer.from_files(*files, threads=1)
+print(json.dumps(scorer.score(**request).tolist()))
+"""
+
+
+def test_a_server_without_torch_scores_the_exported_files_alike(served):
+    project, catalog, data, scorers = served
+    request, _ = _user_request(data, data["test_samples"]["user"].unique()[2])
+    version = catalog.get("bst.serving_metadata").resolve_load_version()
+    folder = project / "data" / "06_models" / "bst" / "serving"
+    names = ("request_model.onnx", "metadata.json", "items.parquet", "categories.parquet")
+    files = [str(folder / name / version / name) for name in names]
+    plain = {key: np.asarray(value).tolist() for key, value in request.items()}
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRAINING_STACK],
+        input=json.dumps([files, plain]),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    scores = np.array(json.loads(result.stdout.strip().splitlines()[-1]), dtype=np.float32)
+    np.testing.assert_allclose(scores, scorers["bst"].score(**request), rtol=0, atol=1e-6)

@@ -27,12 +27,14 @@ from copy import deepcopy
 
 import numpy as np
 import onnx
-import onnxruntime
 import torch
 from torch import nn
 
 from attention_ctr.models import random_batch
 from attention_ctr.models.base import pad_positions
+from attention_ctr.runtime import onnx_session
+
+__all__ = ["export_inputs", "export_onnx", "export_request_onnx", "onnx_feed", "onnx_session"]
 
 # Inputs of every exported graph, in order; the output is "logits" [batch].
 EXPORT_INPUTS = ("target_item", "target_category", "hist_item", "hist_category", "time_gap", "mask")
@@ -106,18 +108,7 @@ def _export(module: nn.Module, example: dict, names: tuple[str, ...], axes: dict
     return graph
 
 
-def onnx_session(graph: bytes, threads: int = 2) -> onnxruntime.InferenceSession:
-    """A CPU session with a fixed thread count and no spinning (spinning threads skew latency)."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(
-        graph, sess_options=options, providers=["CPUExecutionProvider"]
-    )
-
-
-def onnx_feed(session: onnxruntime.InferenceSession, batch: dict) -> dict[str, np.ndarray]:
+def onnx_feed(session, batch: dict) -> dict[str, np.ndarray]:
     """The session's inputs taken from a batch dict of tensors or arrays."""
     return {
         item.name: np.asarray(

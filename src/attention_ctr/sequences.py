@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+# The columns of a sample table (train/validation/test_samples): pointers into `events`.
+SAMPLE_COLUMNS = ["user", "item", "category", "label", "timestamp", "hist_end", "hist_len"]
+
 # events.parquet column -> batch key of the gathered [B, L] tensor
 HISTORY_KEYS = {
     "item": "hist_item",

@@ -35,6 +35,7 @@ over the sorted id tables.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -43,10 +44,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from attention_ctr.onnx_export import onnx_session
-from attention_ctr.sequences import time_gap_bucket
+from attention_ctr.runtime import onnx_session, sigmoid, time_gap_buckets
 
 KNOWN, COLD_START, UNKNOWN = "known", "cold_start_category", "unknown"
 SOURCES = np.array([KNOWN, COLD_START, UNKNOWN])  # Request.source holds indices into this
@@ -156,14 +155,19 @@ class Scorer:
                 f"categories, the graph {self.n_items} and {metadata['n_categories']}: "
                 "the files come from different export runs"
             )
-        self._session = onnx_session(graph, threads)
+        try:
+            self._session = onnx_session(graph, threads)
+        except Exception as error:  # onnxruntime raises its own Fail, InvalidGraph, ...
+            raise ValueError(
+                f"The request graph of {name} is not a valid ONNX model: {error}"
+            ) from error
         self._inputs = [item.name for item in self._session.get_inputs()]
         self._output = metadata["output"]
         self._items = _IdIndex(items["raw_id"], items["item"], "item")
         self._categories = _IdIndex(categories["raw_id"], categories["category"], "category")
         self._item_category = np.zeros(self.n_items + 1, dtype=np.int64)
         self._item_category[items["item"].to_numpy(np.int64)] = items["category"].to_numpy()
-        self._edges = torch.as_tensor(metadata["time_gap_edges"], dtype=torch.int64)
+        self._edges = np.asarray(metadata["time_gap_edges"], dtype=np.int64)
         self._names = [str(name) for name in metadata["behaviors"]]  # code = position + 1
         self._behavior_codes = _IdIndex(
             pd.Series(self._names, dtype=object),
@@ -186,13 +190,12 @@ class Scorer:
         categories_path: str | Path,
         **options,
     ) -> Scorer:
-        """From explicit paths of the files of one export run (the request graph's first)."""
-        import json
+        """From explicit paths of the files of one export run (the request graph's first).
 
-        from attention_ctr.datasets.onnx_model_dataset import _check
-
+        Needs only the serving dependencies: the graph is checked against the metadata's
+        sha256 and by onnxruntime when the session is built.
+        """
         graph = Path(request_onnx_path).read_bytes()
-        _check(graph, str(request_onnx_path))
         metadata = json.loads(Path(metadata_path).read_text())
         items, categories = pd.read_parquet(items_path), pd.read_parquet(categories_path)
         return cls(graph, metadata, items, categories, **options)
@@ -212,6 +215,8 @@ class Scorer:
         The newest version of `{model}.serving_metadata` is the anchor: it is written only when
         the run's parity gate passed, and the other files are loaded at its version.
         `version="promoted"` loads the version the promotion gate let serve (`promoted_models`).
+        Reading a Kedro catalog needs Kedro (the `pipelines` extra); a server that has only the
+        `serving` dependencies uses `from_files`.
         """
         from kedro.framework.session import KedroSession
         from kedro.framework.startup import bootstrap_project
@@ -342,8 +347,7 @@ class Scorer:
                 raise ValueError(
                     f"history_timestamps has a behaviour at {stamps.max()}, after now ({now})"
                 )
-            gaps = torch.from_numpy(now - stamps)
-            gap = time_gap_bucket(gaps, self._edges).numpy()
+            gap = time_gap_buckets(now - stamps, self._edges)
             order = np.argsort(stamps, kind="stable")  # oldest first
             keep = keep[order]
             item, category, gap = item[order], category[order], gap[order]
@@ -423,7 +427,7 @@ class Scorer:
                 for start in range(0, len(request.target_item), self.max_batch)
             ]
         )
-        probabilities = torch.sigmoid(torch.from_numpy(logits)).numpy()
+        probabilities = sigmoid(logits)
         if key is not None:
             with self._lock:
                 self._cache[key] = probabilities

@@ -9,18 +9,15 @@ import pandas as pd
 import pytest
 import torch
 from conftest import PROJECT_ROOT
+from sandbox import make_project_copy, run_pipeline
 from sklearn.metrics import log_loss, roc_auc_score
 
+from attention_ctr.evaluation import ATTENTION_TYPES
+from attention_ctr.evaluation.comparison import COMPARISON_COLUMNS
+from attention_ctr.evaluation.metrics import group_auc, ranking_metrics
 from attention_ctr.models import MODELS
-from attention_ctr.pipelines.evaluation.nodes import (
-    ATTENTION_TYPES,
-    COMPARISON_COLUMNS,
-    draw_ranking_candidates,
-    group_auc,
-    ranking_metrics,
-)
+from attention_ctr.pipelines.evaluation.nodes import draw_ranking_candidates
 from attention_ctr.ranking import ranking_quality
-from attention_ctr.sandbox import make_project_copy, run_pipeline
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.training import blend_toward_category, predict
 

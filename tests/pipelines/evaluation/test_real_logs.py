@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from conftest import EXPORT_RUN
+from sandbox import run_pipeline
 
 from attention_ctr.models import MODELS
-from attention_ctr.sandbox import run_pipeline
 
 SMALL_MODELS = {
     key: value
@@ -17,9 +17,7 @@ SMALL_MODELS = {
 
 
 @pytest.mark.slow
-def test_the_movielens_environment_ranks_every_model_through_the_served_graph(
-    project, shared_data
-):
+def test_the_movielens_environment_ranks_every_model_through_the_served_graph(project, shared_data):
     source = shared_data / "movielens-latest-small"
     ratings = pd.read_csv(source / "ratings.csv")
     folder = project / "data" / "01_raw" / "movielens"

@@ -12,11 +12,12 @@ import torch
 from conftest import EXPORT_RUN
 from kedro.io.core import generate_timestamp
 from onnx import numpy_helper
+from sandbox import run_pipeline
 
+from attention_ctr.bundle import add_cold_start_rows
 from attention_ctr.models import MODELS, build_model
 from attention_ctr.onnx_export import onnx_feed, onnx_session
-from attention_ctr.pipelines.export.nodes import ParityError, add_cold_start_rows
-from attention_ctr.sandbox import run_pipeline
+from attention_ctr.pipelines.export.nodes import ParityError
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.serving import Scorer
 

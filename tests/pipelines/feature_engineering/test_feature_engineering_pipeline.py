@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 from conftest import SMALL_SYNTHETIC
+from sandbox import run_pipeline
 
 from attention_ctr.pipelines.feature_engineering.nodes import _sampler
-from attention_ctr.sandbox import run_pipeline
 from attention_ctr.sequences import SampleTensors
 
 SPLITS = ("train_samples", "validation_samples", "test_samples")

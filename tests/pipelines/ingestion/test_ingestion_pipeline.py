@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import SMALL_SYNTHETIC
-
-from attention_ctr.sandbox import run_pipeline
+from sandbox import run_pipeline
 
 LOG_COLUMNS = ["user_id", "item_id", "category_id", "behavior", "timestamp"]
 VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z$")

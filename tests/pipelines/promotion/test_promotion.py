@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 from conftest import EXPORT_RUN
+from sandbox import run_pipeline
 
 from attention_ctr.datasets import JsonPointerDataset, ServingMetadataDataset
 from attention_ctr.models import MODELS
 from attention_ctr.pipelines.promotion.nodes import decide_promotion, move_promotion_pointer
-from attention_ctr.sandbox import run_pipeline
 from attention_ctr.serving import Scorer
 
 TOLERANCE = {"tolerance": 0.005}

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from conftest import PROJECT_ROOT
-
-from attention_ctr.sandbox import make_project_copy, run_pipeline
+from sandbox import make_project_copy, run_pipeline
 
 # Large enough for validation AUC to be stable (1,200 users -> 2,400 validation samples),
 # small enough to train all four models in about a minute on 2 cores.

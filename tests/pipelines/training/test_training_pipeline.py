@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import PROJECT_ROOT, SMALL_SYNTHETIC
+from sandbox import make_project_copy, run_pipeline
 
 from attention_ctr.models import FEATURE_KEYS, MODELS, build_model
-from attention_ctr.sandbox import make_project_copy, run_pipeline
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.training import (
     TrainingConfig,

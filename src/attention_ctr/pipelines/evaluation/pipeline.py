@@ -1,22 +1,24 @@
 from kedro.pipeline import Node, Pipeline
 
-from attention_ctr.pipelines import one_branch_per_model, one_group, per_model
-from attention_ctr.pipelines.evaluation.nodes import (
-    collect_explanations,
-    compare_models,
-    compute_test_metrics,
-    draw_explanation_candidates,
-    draw_ranking_candidates,
-    explain_rankings,
+from attention_ctr.evaluation.attention import report_attention_distribution
+from attention_ctr.evaluation.comparison import compare_models
+from attention_ctr.evaluation.explanations import collect_explanations
+from attention_ctr.evaluation.plots import (
     plot_attention_distribution,
     plot_attention_heatmap,
     plot_ranking_metrics,
     plot_roc_curves,
     plot_training_curves,
+)
+from attention_ctr.pipelines import one_branch_per_model, one_group, per_model
+from attention_ctr.pipelines.evaluation.nodes import (
+    compute_test_metrics,
+    draw_explanation_candidates,
+    draw_ranking_candidates,
+    explain_rankings,
     predict_test_split,
     profile_attention,
     rank_test_users,
-    report_attention_distribution,
     summarise_evaluation,
     time_inference,
 )

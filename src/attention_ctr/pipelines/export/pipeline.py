@@ -1,11 +1,10 @@
 from kedro.pipeline import Node, Pipeline
 
+from attention_ctr.bundle import add_cold_start_rows, build_serving_tables
 from attention_ctr.onnx_export import export_onnx, export_request_onnx
 from attention_ctr.pipelines import one_branch_per_model
 from attention_ctr.pipelines.export.nodes import (
-    add_cold_start_rows,
     build_export_report,
-    build_serving_tables,
     check_parity,
     describe_serving,
     measure_latency,

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 
 from attention_ctr.ranking import popularity_sampler, uniform_sampler
+from attention_ctr.sequences import SAMPLE_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
-SAMPLE_COLUMNS = ["user", "item", "category", "label", "timestamp", "hist_end", "hist_len"]
 
 
 def _codes(values: pd.Series) -> tuple[np.ndarray, pd.Index]:

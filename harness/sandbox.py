@@ -1,4 +1,8 @@
-"""Run the project's pipelines in a throw-away copy of the project (tests, benchmarks)."""
+"""Run the project's pipelines in a throw-away copy of the project (tests, benchmarks).
+
+Not part of the installed package: the tests put this folder on `sys.path` through pytest's
+`pythonpath` setting (pyproject.toml), the benchmarks through `benchmarks/_common.py`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_project_copy(destination: Path, source: Path = PROJECT_ROOT) -> Path:
