@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from attention_ctr.errors import InputError
 from attention_ctr.synthetic import LOG_COLUMNS
 
 TAOBAO_COLUMNS = ["user", "item", "category", "behavior", "timestamp"]
@@ -32,7 +33,7 @@ AMAZON_COLUMNS = ["user", "item", "time", "category"]
 FORMATS = ("taobao", "movielens", "amazon")
 
 
-class RawLogError(ValueError):
+class RawLogError(InputError):
     """A raw log file that cannot be ingested at all (unreadable, empty, wrong columns)."""
 
 

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from attention_ctr.errors import InputError
 from attention_ctr.ranking import popularity_sampler, uniform_sampler
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def _split_roles(events: pd.DataFrame, min_user_events: int) -> np.ndarray:
     role[count < min_user_events] = -1
     if len(role) and not (role >= 0).any():
         # Fail here, naming the parameter: later nodes would fail on empty tables instead.
-        raise ValueError(
+        raise InputError(
             f"Parameter feature_engineering.min_user_events is {min_user_events}, but no user "
             f"has that many behaviours: {len(np.unique(events['user']))} users, at most "
             f"{int(count.max())} behaviours each; lower min_user_events or ingest more events"
@@ -132,7 +133,7 @@ def build_positive_samples(events: pd.DataFrame, params: dict) -> pd.DataFrame:
     keep = (role >= 0) & (hist_len > 0)
     if len(events) and not (keep & (role == TRAIN)).any():
         users = len(np.unique(user[role >= 0]))
-        raise ValueError(
+        raise InputError(
             f"No training sample: the {users} users with at least min_user_events="
             f"{min_user_events} behaviours have none before their validation and test ones "
             "(each needs 3 behaviours at distinct times); raise "

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from attention_ctr.datasets import BehaviorLogSource
+from attention_ctr.errors import InputError
 from attention_ctr.raw_logs import RawEvents, RawLogError
 from attention_ctr.synthetic import LOG_COLUMNS, SyntheticLogConfig, generate_behavior_logs
 
@@ -42,7 +43,7 @@ def read_behavior_logs(
 ) -> RawEvents:
     """Parse the log that `ingestion.source` selects: the synthetic one or the catalog's raw one."""
     if source not in SOURCES:
-        raise ValueError(f"Parameter ingestion.source is {source!r}; expected one of {SOURCES}")
+        raise InputError(f"Parameter ingestion.source is {source!r}; expected one of {SOURCES}")
     chosen = synthetic_logs if source == "synthetic" else raw_logs
     logger.info("Reading %s behaviour log %s (%s format)", source, chosen.filepath, chosen.format)
     return chosen.read()

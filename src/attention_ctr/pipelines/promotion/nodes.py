@@ -7,6 +7,7 @@ import math
 from functools import partial
 
 from attention_ctr.datasets import PointerUpdate
+from attention_ctr.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _incumbent(promoted_models: dict, name: str) -> dict | None:
     elif not isinstance(entry.get("test_auc"), int | float):
         problem = f"it has no numeric 'test_auc' (keys: {sorted(entry)})"
     if problem:
-        raise ValueError(
+        raise InputError(
             f"Promotion pointer promoted_models (data/06_models/promoted_models.json) has a "
             f"malformed entry {name!r}: {problem}; restore it or delete the entry to promote "
             f"{name}'s next export unconditionally"
