@@ -116,15 +116,13 @@ def _decodes(data: bytes) -> bool:
     return b"\x00" not in data
 
 
-def _scan_encoding(path: Path) -> tuple[dict[int, str], bytes | None]:
-    """({physical line: text} of the lines with non-UTF-8 or NUL bytes, the file with those
-    bytes replaced by U+FFFD, or None when there are none).
+def _scan_encoding(path: Path) -> dict[int, str]:
+    """{physical line: text, bad bytes as U+FFFD} of the lines with non-UTF-8 or NUL bytes.
 
     Blocks end at a newline, so no character is cut; only blocks that fail to decode are
     looked at line by line (linear either way).
     """
     bad: dict[int, str] = {}
-    parts: list[bytes] = []
     line, carry = 1, b""
     with path.open("rb") as fh:
         while True:
@@ -137,18 +135,20 @@ def _scan_encoding(path: Path) -> tuple[dict[int, str], bytes | None]:
                     continue
                 chunk, carry = chunk[:cut], chunk[cut:]
             if chunk and not _decodes(chunk):
-                fixed = chunk.split(b"\n")
-                for offset, raw in enumerate(fixed):
+                for offset, raw in enumerate(chunk.split(b"\n")):
                     if not _decodes(raw):
                         text = raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
                         bad[line + offset] = text.rstrip("\r")
-                        fixed[offset] = text.encode()
-                chunk = b"\n".join(fixed)
-            parts.append(chunk)
             line += chunk.count(b"\n")
             if not block:
                 break
-    return bad, (b"".join(parts) if bad else None)
+    return bad
+
+
+def _sanitized(path: Path) -> pa.BufferReader:
+    """The file with its non-UTF-8 and NUL bytes as U+FFFD (same lines, same fields)."""
+    text = path.read_bytes().decode("utf-8", "replace").replace("\x00", "\ufffd")
+    return pa.BufferReader(text.encode())
 
 
 def _record_starts(path: Path, records: int) -> np.ndarray | None:
@@ -176,6 +176,15 @@ def _record_starts(path: Path, records: int) -> np.ndarray | None:
             starts_list.append(previous + 1)
             previous = reader.line_num
     return np.asarray(starts_list + [previous + 1], dtype=np.int64)
+
+
+def _line_count(path: Path) -> int:
+    """Lines as the CSV parser counts records: newlines, plus an unterminated last line."""
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        count = int(np.count_nonzero(buf == ord("\n"))) + int(buf[-1] != ord("\n"))
+        del buf  # the mmap cannot close while a view of it lives
+    return count
 
 
 def _has_nul(table: pa.Table) -> bool:
@@ -230,8 +239,11 @@ def read_csv_rows(
             )
         column_names = columns
     quoted = _contains(path, b'"')
+    lines = _line_count(path) if quoted else 0
 
-    def read(source, typed: bool, threaded: bool, malformed: list) -> pa.Table:
+    def read(
+        source, typed: bool, threaded: bool, malformed: list, multiline: bool = quoted
+    ) -> pa.Table:
         def on_bad_row(row) -> str:
             malformed.append((row.number, row.text))
             return "skip"
@@ -249,7 +261,7 @@ def read_csv_rows(
             parse_options=pacsv.ParseOptions(
                 invalid_row_handler=on_bad_row,
                 ignore_empty_lines=False,
-                newlines_in_values=quoted,  # else a block may be cut inside a quoted value
+                newlines_in_values=multiline,  # else a block may be cut inside a value
             ),
             convert_options=pacsv.ConvertOptions(
                 include_columns=columns,
@@ -262,7 +274,12 @@ def read_csv_rows(
     bad: list = []
     encoding: dict[int, str] = {}
     try:
-        table = read(path, typed=True, threaded=True, malformed=bad)
+        # Quoted values rarely hold newlines (then records == lines): read as if none did,
+        # and again allowing them only when the counts say otherwise.
+        table = read(path, typed=True, threaded=True, malformed=bad, multiline=False)
+        if quoted and header_lines + table.num_rows + len(bad) != lines:
+            bad = []
+            table = read(path, typed=True, threaded=True, malformed=bad)
         clean = not bad and not _has_nul(table)
     except pa.ArrowInvalid:
         clean = False
@@ -270,8 +287,8 @@ def read_csv_rows(
         raise RawLogError(f"Cannot parse raw log {path} as CSV ({exc}); {_hint(columns)}") from None
     if not clean:
         bad = []
-        encoding, sanitized = _scan_encoding(path)
-        source = path if sanitized is None else pa.BufferReader(sanitized)
+        encoding = _scan_encoding(path)
+        source = _sanitized(path) if encoding else path
         try:
             table = read(source, typed=False, threaded=False, malformed=bad)
         except (OSError, pa.ArrowException) as exc:
@@ -291,7 +308,8 @@ def read_csv_rows(
     records = np.arange(first_record, first_record + len(frame) + len(bad), dtype=np.int64)
     if len(bad):
         records = np.setdiff1d(records, bad_records, assume_unique=True)[: len(frame)]
-    starts = _record_starts(path, first_record + len(frame) + len(bad)) if quoted else None
+    n_records = first_record - 1 + len(frame) + len(bad)
+    starts = _record_starts(path, n_records) if quoted and n_records != lines else None
 
     def physical(record_numbers: np.ndarray) -> np.ndarray:
         return record_numbers if starts is None else starts[record_numbers - 1]
