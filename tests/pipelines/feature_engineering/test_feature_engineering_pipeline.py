@@ -199,3 +199,20 @@ def test_short_users_are_dropped_and_counted(project):
     assert report["users_dropped_too_few_events"] == short > 0
     kept_users = set(catalog.load("test_samples")["user"])
     assert len(kept_users) == report["users"] - short
+
+
+@pytest.mark.parametrize("distribution", ["popularity", "uniform"])
+def test_every_user_too_short_fails_at_once_naming_min_user_events(project, distribution):
+    params = {
+        **SMALL_SYNTHETIC,
+        "feature_engineering.min_user_events": 10_000,
+        "feature_engineering.negative_sampling.distribution": distribution,
+    }
+    with pytest.raises(Exception) as caught:
+        run_pipeline(project, None, params, pipelines=["ingestion", "feature_engineering"])
+    text = str(caught.value)
+    assert "min_user_events is 10000" in text
+    assert f"{SMALL_SYNTHETIC['ingestion.synthetic.users']} users" in text
+    assert "popularity" not in text
+    # Nothing downstream was written: no empty samples for training to trip on later.
+    assert not any((project / "data" / "05_model_input").glob("*samples*"))

@@ -155,13 +155,139 @@ def test_unreadable_files_raise_naming_file_and_columns(tmp_path, reader, name, 
     assert expected in str(caught.value)
 
 
-def test_non_utf8_bytes_deep_in_a_file_fail_naming_file_and_columns(tmp_path):
-    good = "1,2,3,pv,1511544070\n" * 5000  # past the 64 KiB the first-line check looks at
-    path = write(tmp_path / "ub.csv", good.encode() + "1,2,3,p\xe9,1511544070\n".encode("latin-1"))
-    with pytest.raises(RawLogError) as caught:
-        read_taobao(path)
-    assert str(path) in str(caught.value)
-    assert "user,item,category,behavior,timestamp" in str(caught.value)
+@pytest.mark.parametrize(
+    "bad_byte", [b"\xe9", b"\x00", b"\xff\xfe"], ids=["latin-1", "nul", "ff-fe"]
+)
+@pytest.mark.parametrize("good_rows_before", [2, 5000], ids=["near-start", "past-64KiB"])
+def test_one_bad_byte_quarantines_only_its_row_wherever_it_is(tmp_path, bad_byte, good_rows_before):
+    rows = [f"{u},2,3,pv,{1511544070 + u}".encode() for u in range(1, good_rows_before + 1)]
+    rows.append(b"99,2,3,p" + bad_byte + b"v,1511544070")
+    rows.append(b"100,2,3,pv,1511544071")
+    path = write(tmp_path / "ub.csv", b"\n".join(rows) + b"\n")
+    interactions, quarantine, report = validate(read_taobao(path))
+    assert report["rows_in"] == len(rows)
+    assert report["rows_kept"] == len(rows) - 1
+    assert quarantine["reason"].tolist() == ["bad_encoding"]
+    assert quarantine["line"].tolist() == [good_rows_before + 1]
+    assert "\ufffd" in quarantine["raw_text"].iloc[0]  # what was there stays visible
+
+
+def test_bad_byte_in_an_amazon_multi_line_review_is_quarantined_at_its_line(tmp_path):
+    path = write(
+        tmp_path / "r.csv",
+        b"user,item,time,category,review\n"
+        b'A1,I1,1400000000,Books,"great\nbook"\n'
+        b'A2,I2,1400000001,B\xe9ooks,"meh\n\nreally"\n'
+        b"A3,I3,1400000002,Books,ok\n"
+        b"A4,I4,1400000003\n",
+    )
+    interactions, quarantine, report = validate(read_amazon(path))
+    assert interactions["user_id"].tolist() == ["A1", "A3"]
+    assert dict(zip(quarantine["line"], quarantine["reason"], strict=True)) == {
+        4: "bad_encoding",
+        8: "malformed_row",
+    }
+    assert report["rows_in"] == report["rows_kept"] + report["rows_quarantined"] == 4
+
+
+def test_quarantine_lines_are_physical_lines_after_multi_line_quoted_values(tmp_path):
+    path = write(
+        tmp_path / "r.csv",
+        "user,item,time,category,review\n"
+        'A1,I1,1400000000,Books,"line one\nline two\r\nline ""three"""\n'
+        "A2,I2,yesterday,Books,short\n"
+        '"A3",I3,1400000002,Toys,"a\n\nb"\n'
+        "A3,I3,1400000002,Toys,dup\n"
+        "A4,I4\n",
+    )
+    raw = read_amazon(path)
+    assert raw.frame["line"].tolist() == [2, 5, 6, 9]
+    _, quarantine, report = validate(raw)
+    assert dict(zip(quarantine["line"], quarantine["reason"], strict=True)) == {
+        5: "bad_type",
+        9: "duplicate",
+        10: "malformed_row",
+    }
+    assert report["rows_in"] == report["rows_kept"] + report["rows_quarantined"] == 5
+
+
+def test_quote_inside_an_unquoted_value_does_not_shift_lines(tmp_path):
+    path = write(
+        tmp_path / "r.csv",
+        "user,item,time,category,review\n"
+        'A1,I1,1400000000,Books,12" vinyl\n'
+        'A2,I2,1400000001,Books,"two\nlines"\n'
+        "A3,I3,later,Books,x\n",
+    )
+    _, quarantine, _ = validate(read_amazon(path))
+    assert quarantine["line"].tolist() == [5]
+
+
+def test_snowflake_ids_survive_a_bad_row_elsewhere_in_the_file(tmp_path):
+    base = 1_234_567_890_123_456_789  # 19 digits, below 2**63
+    rows = [f"{base + i},{base - i},7,pv,{1511544070 + i}" for i in range(120)]
+    clean = write(tmp_path / "clean.csv", "\n".join(rows) + "\n")
+    kept_clean, _, _ = validate(read_taobao(clean))
+    assert len(kept_clean) == 120
+    dirty = write(tmp_path / "dirty.csv", "\n".join(rows) + "\n1,2,3\n")
+    interactions, quarantine, report = validate(read_taobao(dirty))
+    assert report["rows_kept"] == 120
+    assert quarantine["reason"].tolist() == ["malformed_row"]
+    pd.testing.assert_frame_equal(interactions, kept_clean)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (str(2**63 - 1), 2**63 - 1),
+        ("+" + str(2**63 - 1), 2**63 - 1),
+        ("0000" + str(2**63 - 1), 2**63 - 1),
+        (str(2**63 - 1) + ".000", 2**63 - 1),
+        ("+5", 5),
+        (str(2**63), None),
+        ("99999999999999999999", None),
+        ("--5", None),
+        ("+-5", None),
+    ],
+)
+def test_integer_text_over_the_whole_int64_range(tmp_path, value, expected):
+    path = write(
+        tmp_path / "ub.csv",
+        f"{value},2,3,pv,1511544070\nx,2,3,pv,1511544071\n7,2,3,pv,1511544072\n",
+    )
+    interactions, quarantine, _ = validate(read_taobao(path))
+    if expected is None:
+        assert quarantine["line"].tolist() == [1, 2]
+        assert set(quarantine["reason"]) == {"bad_type"}
+    else:
+        assert interactions["user_id"].tolist() == [expected, 7]
+
+
+@pytest.mark.parametrize(
+    ("rating", "reason"),
+    [
+        ("6.0", "rating_out_of_range"),
+        ("10", "rating_out_of_range"),
+        ("inf", "rating_out_of_range"),
+        ("-1", "rating_out_of_range"),
+        ("0", "rating_out_of_range"),
+        ("-inf", "rating_out_of_range"),
+        ("good", "bad_type"),
+        ("", "missing_value"),
+        ("nan", "missing_value"),  # a CSV null marker, like "NA" or "NULL"
+    ],
+)
+def test_movielens_ratings_outside_the_scale_are_quarantined(tmp_path, rating, reason):
+    write(
+        tmp_path / "ml" / "ratings.csv",
+        f"userId,movieId,rating,timestamp\n1,1,0.5,964982703\n1,2,5.0,964982704\n"
+        f"1,1,{rating},964982705\n",
+    )
+    write(tmp_path / "ml" / "movies.csv", "movieId,title,genres\n1,A,Drama\n2,B,Comedy\n")
+    interactions, quarantine, report = validate(read_movielens(tmp_path / "ml"))
+    assert interactions["behavior"].astype(str).tolist() == ["pv", "fav"]
+    assert dict(zip(quarantine["line"], quarantine["reason"], strict=True)) == {4: reason}
+    assert report["rows_in"] == report["rows_kept"] + report["rows_quarantined"]
 
 
 def test_integer_text_forms(tmp_path):

@@ -183,3 +183,66 @@ def test_serving_metadata_loads_with_the_version_it_was_saved_under(tmp_path):
     assert loaded == {"model": "din", "version": "2026-05-06T07.08.09.000Z"}
     stored = tmp_path / "metadata.json" / "2026-05-06T07.08.09.000Z" / "metadata.json"
     assert json.loads(stored.read_text()) == {"model": "din"}
+
+
+# ---------------------------------------------------------------- malformed pointer, racing runs
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"test_auc": 0.8}, "no 'version'"),
+        ({"version": "v1"}, "no numeric 'test_auc'"),
+        ("v1", "not an object"),
+    ],
+)
+def test_a_malformed_pointer_entry_is_a_one_line_error_naming_it(entry, problem):
+    with pytest.raises(ValueError) as caught:
+        decide_promotion(_metadata(), _metrics(), {"din": entry}, TOLERANCE)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "promoted_models.json" in message and "'din'" in message and problem in message
+
+
+def _decision(version, auc, pointer):
+    return decide_promotion(_metadata(version=version), _metrics(auc), pointer, TOLERANCE)
+
+
+def test_two_runs_moving_the_pointer_at_once_lose_no_promotion(tmp_path):
+    """Both runs gate against v1; the second to save decides again against the first's."""
+    path = tmp_path / "promoted_models.json"
+    JsonPointerDataset(filepath=str(path)).save(_incumbent(0.80))
+    first_run, second_run = (JsonPointerDataset(filepath=str(path)) for _ in range(2))
+    base = first_run.load()
+    assert second_run.load() == base
+
+    pointer_a, _ = move_promotion_pointer(base, din=_decision("v2", 0.82, base))
+    pointer_b, _ = move_promotion_pointer(base, din=_decision("v3", 0.818, base))
+    first_run.save(pointer_a)
+    second_run.save(pointer_b)  # 0.818 is within the tolerance of v2's 0.82
+    din = json.loads(path.read_text())["din"]
+    assert din["version"] == "v3" and din["replaced_version"] == "v2"
+
+    # A candidate worse than what the other run promoted meanwhile is kept out after all.
+    base = first_run.load()
+    pointer_a, _ = move_promotion_pointer(base, din=_decision("v4", 0.90, base))
+    pointer_b, _ = move_promotion_pointer(base, din=_decision("v5", 0.81, base))
+    first_run.save(pointer_a)
+    second_run.save(pointer_b)
+    din = json.loads(path.read_text())["din"]
+    assert din["version"] == "v4" and din["replaced_version"] == "v3"
+
+
+def test_the_pointer_save_waits_for_the_lock(tmp_path):
+    import threading
+
+    from filelock import FileLock
+
+    path = tmp_path / "promoted_models.json"
+    dataset = JsonPointerDataset(filepath=str(path))
+    update, _ = move_promotion_pointer({}, din=_decision("v1", 0.8, {}))
+    with FileLock(f"{path}.lock"):
+        saver = threading.Thread(target=dataset.save, args=(update,))
+        saver.start()
+        saver.join(timeout=0.5)
+        assert saver.is_alive() and not path.exists(), "saved while another run held the lock"
+    saver.join(timeout=10)
+    assert json.loads(path.read_text())["din"]["version"] == "v1"

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from attention_ctr.errors import InputError
 from attention_ctr.ranking import popularity_sampler, uniform_sampler
 from attention_ctr.sequences import SAMPLE_COLUMNS
 
@@ -102,6 +103,13 @@ def _split_roles(events: pd.DataFrame, min_user_events: int) -> np.ndarray:
     role[position == count - 2] = VALIDATION
     role[position == count - 1] = TEST
     role[count < min_user_events] = -1
+    if len(role) and not (role >= 0).any():
+        # Fail here, naming the parameter: later nodes would fail on empty tables instead.
+        raise InputError(
+            f"Parameter feature_engineering.min_user_events is {min_user_events}, but no user "
+            f"has that many behaviours: {len(np.unique(events['user']))} users, at most "
+            f"{int(count.max())} behaviours each; lower min_user_events or ingest more events"
+        )
     return role
 
 
@@ -120,8 +128,17 @@ def build_positive_samples(events: pd.DataFrame, params: dict) -> pd.DataFrame:
     run_first = np.maximum.accumulate(np.where(new_run, np.arange(len(events)), 0))
     hist_len = np.minimum(run_first - user_first, int(params["max_history"]))
 
-    role = _split_roles(events, int(params["min_user_events"]))
+    min_user_events = int(params["min_user_events"])
+    role = _split_roles(events, min_user_events)
     keep = (role >= 0) & (hist_len > 0)
+    if len(events) and not (keep & (role == TRAIN)).any():
+        users = len(np.unique(user[role >= 0]))
+        raise InputError(
+            f"No training sample: the {users} users with at least min_user_events="
+            f"{min_user_events} behaviours have none before their validation and test ones "
+            "(each needs 3 behaviours at distinct times); raise "
+            "feature_engineering.min_user_events to 3 or more, or ingest more events"
+        )
     return pd.DataFrame(
         {
             "user": user[keep],

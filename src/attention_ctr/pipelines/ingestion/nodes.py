@@ -10,18 +10,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from attention_ctr.datasets import BehaviorLogSource
+from attention_ctr.errors import InputError
 from attention_ctr.raw_logs import RawEvents, RawLogError
 from attention_ctr.synthetic import LOG_COLUMNS, SyntheticLogConfig, generate_behavior_logs
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "raw")
-# Checked in this order; a row is quarantined with the first reason it fails.
+# Checked in this order (after what the reader itself rejected, e.g. a rating out of range);
+# a row is quarantined with the first reason it fails.
 REASONS = (
     "malformed_row",
+    "bad_encoding",
     "missing_value",
     "bad_type",
     "negative_id",
+    "rating_out_of_range",
     "unknown_behavior",
     "timestamp_out_of_range",
     "duplicate",
@@ -39,23 +43,41 @@ def read_behavior_logs(
 ) -> RawEvents:
     """Parse the log that `ingestion.source` selects: the synthetic one or the catalog's raw one."""
     if source not in SOURCES:
-        raise ValueError(f"Parameter ingestion.source is {source!r}; expected one of {SOURCES}")
+        raise InputError(f"Parameter ingestion.source is {source!r}; expected one of {SOURCES}")
     chosen = synthetic_logs if source == "synthetic" else raw_logs
     logger.info("Reading %s behaviour log %s (%s format)", source, chosen.filepath, chosen.format)
     return chosen.read()
 
 
+INT64_MAX = str(2**63 - 1)
+
+
 def _integers(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
     """(values as nullable Int64, NA where not an integer; mask of present-but-not-integer).
 
-    Integer text is parsed exactly (float64 would merge ids beyond 2**53); other numbers count
-    only when integral and exactly representable ("7.0", "1e3").
+    Integer text is parsed exactly over the whole int64 range (float64 would merge ids beyond
+    2**53, e.g. 19-digit Snowflake ids); "7.000" counts as 7. Other numbers count only when
+    integral and exactly representable as a float ("1e3").
     """
     if pd.api.types.is_integer_dtype(column.dtype):  # int64, or Int64 when values are missing
         return column, np.zeros(len(column), dtype=bool)
     text = pc.utf8_trim_whitespace(pa.array(column.astype("str"), type=pa.string()))
-    exact = pc.fill_null(pc.match_substring_regex(text, r"^[+-]?\d{1,18}$"), False)
-    parsed = pc.cast(pc.if_else(exact, text, None), pa.int64())
+    text = pc.replace_substring_regex(text, r"^([+-]?\d+)\.0*$", r"\1")
+    negative = pc.fill_null(pc.starts_with(text, "-"), False)
+    digits = pc.utf8_ltrim(pc.utf8_ltrim(text, "+-"), "0")
+    digits = pc.if_else(pc.equal(digits, ""), "0", digits)
+    # At most one sign, then at most 19 significant digits, within int64 for 19 of them
+    # (same-length digit strings compare as numbers).
+    shape = pc.match_substring_regex(text, r"^[+-]?\d+$")
+    long = pc.equal(pc.utf8_length(digits), 19)
+    limit = pc.if_else(negative, str(2**63), INT64_MAX)
+    exact = pc.and_(
+        pc.and_(shape, pc.less_equal(pc.utf8_length(digits), 19)),
+        pc.or_(pc.invert(long), pc.less_equal(digits, limit)),
+    )
+    exact = pc.fill_null(exact, False)
+    signed = pc.if_else(negative, pc.binary_join_element_wise("-", digits, ""), digits)
+    parsed = pc.cast(pc.if_else(exact, signed, None), pa.int64())
     numbers = pd.Series(parsed.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get))
     present = column.notna().to_numpy()
     rest = np.flatnonzero(present & ~exact.to_numpy(zero_copy_only=False))
@@ -87,6 +109,9 @@ def validate_behavior_logs(raw: RawEvents, params: dict) -> tuple[pd.DataFrame, 
     def flag(name: str, failed: np.ndarray) -> None:
         reason[(reason == 0) & failed] = REASONS.index(name) + 1
 
+    for name in REASONS:  # what the reader rejected comes first: it saw the raw value
+        if name in raw.rejected:
+            flag(name, np.asarray(raw.rejected[name], dtype=bool))
     missing = np.zeros(n, dtype=bool)
     for column in LOG_COLUMNS:
         values = frame[column]
@@ -134,6 +159,7 @@ def validate_behavior_logs(raw: RawEvents, params: dict) -> tuple[pd.DataFrame, 
     interactions = clean.loc[~duplicate, LOG_COLUMNS].reset_index(drop=True)
 
     bad = reason > 0
+    notes = raw.notes[bad] if raw.notes is not None else None
     quarantine = pd.concat(
         [
             pd.DataFrame(
@@ -141,15 +167,22 @@ def validate_behavior_logs(raw: RawEvents, params: dict) -> tuple[pd.DataFrame, 
                     "line": frame["line"].to_numpy()[bad],
                     "reason": np.asarray(REASONS, dtype=object)[reason[bad] - 1],
                     **{c: frame.loc[bad, c].astype("str").to_numpy() for c in LOG_COLUMNS},
-                    "raw_text": None,
+                    "raw_text": notes,
                 }
             ),
-            pd.DataFrame(
-                {
-                    "line": raw.malformed["line"].to_numpy(),
-                    "reason": "malformed_row",
-                    "raw_text": raw.malformed["text"].to_numpy(),
-                }
+            *(
+                pd.DataFrame(
+                    {
+                        "line": lines["line"].to_numpy(),
+                        "reason": name,
+                        "raw_text": lines["text"].to_numpy(),
+                    }
+                )
+                for name, lines in (
+                    ("malformed_row", raw.malformed),
+                    ("bad_encoding", raw.bad_encoding),
+                )
+                if len(lines)
             ),
         ],
         ignore_index=True,
@@ -180,8 +213,10 @@ def validate_behavior_logs(raw: RawEvents, params: dict) -> tuple[pd.DataFrame, 
         {r: c for r, c in report["quarantined_by_reason"].items() if c},
     )
     if not len(interactions):
+        counts = {r: c for r, c in report["quarantined_by_reason"].items() if c}
+        utf8 = " UTF-8 text" if counts.get("bad_encoding") else ""
         raise RawLogError(
             f"No valid rows in raw log {raw.source}: all {report['rows_in']} were quarantined "
-            f"{report['quarantined_by_reason']}"
+            f"{counts}; {raw.hint or 'expected rows of the log format'}{utf8}"
         )
     return interactions, quarantine, report

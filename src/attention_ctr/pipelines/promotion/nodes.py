@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
+
+from attention_ctr.datasets import PointerUpdate
+from attention_ctr.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,27 @@ def _refusal(candidate: dict, test_metrics: dict) -> str | None:
     return None
 
 
+def _incumbent(promoted_models: dict, name: str) -> dict | None:
+    """The pointer's entry for `name`; a malformed one is an error naming the entry."""
+    entry = promoted_models.get(name)
+    if entry is None:
+        return None
+    problem = None
+    if not isinstance(entry, dict):
+        problem = f"it is a {type(entry).__name__}, not an object"
+    elif not isinstance(entry.get("version"), str):
+        problem = f"it has no 'version' string (keys: {sorted(entry)})"
+    elif not isinstance(entry.get("test_auc"), int | float):
+        problem = f"it has no numeric 'test_auc' (keys: {sorted(entry)})"
+    if problem:
+        raise InputError(
+            f"Promotion pointer promoted_models (data/06_models/promoted_models.json) has a "
+            f"malformed entry {name!r}: {problem}; restore it or delete the entry to promote "
+            f"{name}'s next export unconditionally"
+        )
+    return entry
+
+
 def decide_promotion(
     serving_metadata: dict, test_metrics: dict, promoted_models: dict, params: dict
 ) -> dict:
@@ -58,7 +83,7 @@ def decide_promotion(
     if not tolerance >= 0:
         raise ValueError(f"promotion.tolerance must be >= 0, got {params['tolerance']!r}")
     candidate = _candidate(serving_metadata, test_metrics)
-    incumbent = promoted_models.get(name)
+    incumbent = _incumbent(promoted_models, name)
     refusal = _refusal(candidate, test_metrics)
     if refusal is not None:
         promoted, reason = False, refusal
@@ -87,24 +112,53 @@ def decide_promotion(
     }
 
 
+def _apply(promoted_models: dict, decisions: list[dict]) -> dict:
+    """The pointer after `decisions`, applied to `promoted_models` as it is now.
+
+    A promoted candidate whose model entry is no longer the incumbent its gate saw (another
+    run moved it meanwhile) is gated again against the current entry, with the same tolerance.
+    """
+    pointer = dict(promoted_models)
+    for decision in decisions:
+        if not decision["promoted"]:
+            continue
+        name, entry = decision["model"], {**decision["candidate"]}
+        incumbent = _incumbent(pointer, name)
+        moved = incumbent != decision["incumbent"] and incumbent is not None
+        if moved and incumbent["version"] != entry["version"]:
+            floor = incumbent["test_auc"] - decision["tolerance"]
+            if not entry["test_auc"] >= floor:
+                logger.warning(
+                    "%s %s kept out after all: another run promoted %s (test AUC %.4f) meanwhile",
+                    name,
+                    entry["version"],
+                    incumbent["version"],
+                    incumbent["test_auc"],
+                )
+                continue
+        if incumbent is not None and incumbent["version"] != entry["version"]:
+            entry["replaced_version"] = incumbent["version"]
+        pointer[name] = entry
+    return pointer
+
+
 def move_promotion_pointer(promoted_models: dict, **decisions: dict) -> tuple[dict, dict]:
     """The new pointer (each model's serving version) and a report of this run's decisions.
 
     A model whose candidate was refused keeps its promoted version; a model this run did not
-    gate keeps its entry untouched.
+    gate keeps its entry untouched. The pointer is a `PointerUpdate`: saved, it is decided
+    again under the file's lock if another run moved the pointer since this run read it.
     """
-    pointer = dict(promoted_models)
-    for decision in decisions.values():
-        if decision["promoted"]:
-            entry = {**decision["candidate"]}
-            incumbent = decision["incumbent"]
-            if incumbent is not None and incumbent["version"] != entry["version"]:
-                entry["replaced_version"] = incumbent["version"]
-            pointer[decision["model"]] = entry
+    gated = list(decisions.values())
+    pointer = PointerUpdate(
+        _apply(promoted_models, gated),
+        base=promoted_models,
+        rebase=partial(_apply, decisions=gated),
+    )
     report = {
-        "promoted": sorted(d["model"] for d in decisions.values() if d["promoted"]),
-        "kept_out": sorted(d["model"] for d in decisions.values() if not d["promoted"]),
+        "promoted": sorted(d["model"] for d in gated if d["promoted"]),
+        "kept_out": sorted(d["model"] for d in gated if not d["promoted"]),
         "serving": {name: entry["version"] for name, entry in sorted(pointer.items())},
-        "decisions": {d["model"]: d for d in decisions.values()},
+        "decisions": {d["model"]: d for d in gated},
     }
     return pointer, report
