@@ -417,7 +417,7 @@ def run_one(args: argparse.Namespace) -> int:
     args.epochs = int(args.epochs[0])  # the parent passes this model's own
     directory = Path(directory)
     torch.set_num_threads(args.threads)
-    # A process's first torch optimizer imports torch._dynamo (~2 s). The peers build theirs
+    # A process's first torch optimizer imports torch._dynamo (seconds). The peers build theirs
     # before their fit call (DeepCTR's compile, CTRTrainer's constructor): import it before
     # any timer starts.
     importlib.import_module("torch._dynamo")

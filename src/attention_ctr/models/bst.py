@@ -17,12 +17,12 @@ One post-LayerNorm Transformer block per layer (paper eq. 1-4): multi-head self-
 `finfo.min` mask, never -inf; the target token is never masked, so no row is fully masked;
 CPU training computes the same in `cpu_kernels.packed_attention`, straight from the packed
 q | k | v projection), 4 heads by default (the paper uses 8; with d = 96 that is 12 dims a
-head, whose attention forward and backward take 1.2x as long as 4 heads of 24 in the CPU
-kernel and 1.5x in SDPA at [256, 51]), dropout 0.1 on both residual branches and inside the
+head, whose attention forward and backward are slower than 4 heads of 24, in the CPU kernel
+and in SDPA), dropout 0.1 on both residual branches and inside the
 feed-forward (`attention_dropout` on the attention probabilities is an option, off by
 default: it forces the unfused attention path), LayerNorm eps 1e-5, a LeakyReLU feed-forward
 of width `feedforward_dim` (the paper gives none; default d: the usual 4 d makes the whole
-training step 1.6x slower on CPU). Output (paper): the outputs of all
+training step markedly slower on CPU). Output (paper): the outputs of all
 positions concatenated (`output="concat"`: a fixed width of `max_history + 1` tokens, padded
 positions zeroed; outside ONNX export the encoder runs only the batch's own L + 1 tokens and
 the MLP's first layer only the matching weight columns, the same function); `output="mean"`
@@ -99,7 +99,7 @@ class TransformerBlock(nn.Module):
     FFN(x) = W2 Dropout(LeakyReLU(W1 x)). `forward(x [B, S, d], keep [B, S]) -> [B, S, d]`.
     `attention_dropout` (on the attention probabilities, as `nn.MultiheadAttention` does) is
     separate and 0 by default: with it SDPA leaves its fused kernel for the unfused math path,
-    about 4x slower on CPU.
+    several times slower on CPU.
     """
 
     def __init__(
@@ -152,7 +152,7 @@ class TransformerBlock(nn.Module):
         """Multi-head attention before the output projection: `[B, S, d]`, heads side by side;
         `kernels`: CPU training may take the fused kernels (`cpu_kernels.usable`)."""
         # Attention itself in float32 even under bf16 autocast: the CPU's bf16 SDPA (and its
-        # casts) made a bf16 training step 1.9x slower than float32; the Linears stay bf16.
+        # casts) made a bf16 training step slower than float32; the Linears stay bf16.
         if kernels and not (self.training and self.attention_dropout):
             # CPU training: straight from the packed projection (the kernel adds its bias), the
             # gradient in its layout

@@ -5,9 +5,7 @@
   of the rows, the input projection and the hidden matmul (oneDNN's brgemm micro-kernels
   where they run, else BLAS: `matmul_backend`) and one fused pass, forward
   and backward, so no `[B, L, 3H]` projection or its gradient is ever written; given the
-  rows' lengths, rows sorted longest first skip the steps after their length (about 3.5x
-  faster than the eager version on 2 cores: 8.0 against 31 ms forward and backward at
-  [256, 47, 64], input projection included);
+  rows' lengths, rows sorted longest first skip the steps after their length;
 - a Linear's matmuls on the same micro-kernels (`linear`: the models' MLPs and DIN's
   activation unit);
 - per-sample matrix-vector products over a history (`row_dots`: DIEN's attention scores;
@@ -42,8 +40,8 @@ a given thread count. Under CPU bf16 autocast the recurrences and the head round
 matmuls' operands to bf16 and accumulate in float32 (`bf16_matmuls`); the kernels without
 matmuls compute what eager torch does under autocast.
 
-The build takes about 18 s once per machine and torch version, cached under torch's extensions
-directory (`TORCH_EXTENSIONS_DIR`).
+The build runs once per machine and torch version, cached under torch's extensions directory
+(`TORCH_EXTENSIONS_DIR`).
 
 Without a C++ compiler, when the build fails, or with `ATTENTION_CTR_CPU_KERNELS=0`, training
 uses the eager torch implementation (same equations): `available()` says which.
@@ -141,7 +139,7 @@ def _load() -> bool:
             ENV_SWITCH,
         )
         return False
-    # the first time on a machine this includes the build (about 18 s), later only the load
+    # the first time on a machine this includes the build, later only the load
     logger.info("Fused CPU kernels ready in %.1f s", time.perf_counter() - started)
     return True
 

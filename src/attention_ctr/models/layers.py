@@ -128,7 +128,7 @@ class BehaviorEmbedding(nn.Module):
         item_table, category_table = self.item_embedding.weight, self.category_embedding.weight
         if cpu_kernels.usable(item_table) and category_table.dtype == torch.float32:
             # fused: one pass per lookup, one per table's gradient (aten's embedding backward
-            # and the concatenations cost DIEN ~4 ms a step)
+            # and the concatenations are a visible share of DIEN's step)
             pieces = cpu_kernels.pair_lookup(item_table, category_table, items, categories)
         else:
             vectors = self.items(
@@ -162,7 +162,7 @@ class BehaviorEmbedding(nn.Module):
 
 def column_sums(x: Tensor) -> Tensor:
     """`x.sum(0)` of a 2-D `x` `[N, C]` as a matrix-vector product: on the CPU, BLAS's gemv
-    reads a tall matrix about 3x faster than torch's reduction over dim 0."""
+    reads a tall matrix faster than torch's reduction over dim 0."""
     return torch.mv(x.t(), x.new_ones(x.shape[0]))
 
 
@@ -315,8 +315,8 @@ class PReLU(nn.Module):
 class _PReLUFunction(torch.autograd.Function):
     """`F.prelu` on `x` `[N, C]` with slopes `[C]`, in a few fast passes for CPU training.
 
-    aten's CPU PReLU backward (a broadcast `where` and a column reduction) took about 4x the
-    time of these: out = x + (w - 1) min(x, 0); dx = g where x > 0 else w g (one `lerp`);
+    aten's CPU PReLU backward (a broadcast `where` and a column reduction) takes several times
+    as long as these: out = x + (w - 1) min(x, 0); dx = g where x > 0 else w g (one `lerp`);
     dw = column sums of g min(x, 0) (one matrix-vector product).
     """
 

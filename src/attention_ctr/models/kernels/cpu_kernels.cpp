@@ -40,7 +40,7 @@ namespace {
 constexpr int64_t kRowsPerTask = 16;
 
 // At most this many rows run one time loop together: a step's states, gates and operands then
-// stay in L2 (batch 2048 on 2 threads, 1024 rows a loop, ran ~10% slower per row than 256).
+// stay in L2 (larger chunks ran slower per row).
 constexpr int64_t kMaxRowsPerChunk = 256;
 
 // Rows per chunk for the recurrences: each chunk runs the whole time loop on its own rows, and
@@ -134,8 +134,9 @@ void transpose_rest(const float* __restrict__ src, int64_t r0, int64_t rows, int
 }
 
 // dst [columns, rows] (contiguous) = the transpose of src [rows, columns] (row stride ld).
-// With AVX, by 8 x 8 blocks transposed in registers (a strided gather per element took ~5% of
-// DIEN's training step: the recurrences' and the head's weight gradients, x^T dL/dz).
+// With AVX, by 8 x 8 blocks transposed in registers (a strided gather per element was a
+// visible share of DIEN's training step: the recurrences' and the head's weight gradients,
+// x^T dL/dz).
 void transpose_into(const float* __restrict__ src, int64_t rows, int64_t columns, int64_t ld,
                     float* __restrict__ dst) {
   int64_t full_rows = 0, full_columns = 0;  // the part done by blocks
@@ -178,11 +179,11 @@ float* thread_scratch(int slot, int64_t count) {
 
 // Row-major C [m, n] = op(A) op(B) + beta C, op(A) [m, k] (A^T of a [k, m] A with trans_a),
 // op(B) [k, n], row strides lda, ldb, ldc. The recurrences call this hundreds of times per
-// step on a thread's rows, single-threaded, so it skips ATen's tensor views and dispatch (~4 us
-// of a ~20 us call at [128, 64] x [64, 192]): brgemm where it runs (beta 0 or 1), else BLAS.
+// step on a thread's rows, single-threaded, so it skips ATen's tensor views and dispatch (a
+// large share of a call at these small shapes): brgemm where it runs (beta 0 or 1), else BLAS.
 // brgemm takes no transposes: a transposed operand is copied first, so the hot paths pass
-// weights already transposed (`transposed`). MKL's sgemm ran these shapes at ~90 GFLOP/s per
-// core on an AMD EPYC (Zen 5: MKL takes its AVX2 code off Intel), brgemm at ~215.
+// weights already transposed (`transposed`). MKL's sgemm is far slower than brgemm at these
+// shapes on AMD CPUs (MKL takes its AVX2 code off Intel).
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
@@ -320,8 +321,8 @@ inline void prefetch_floats(const float* p, int64_t count, bool write = false) {
 // dst[0, count) = src[0, count), with non-temporal stores on dst's 64-byte-aligned lines
 // where the CPU has them: for what is written once and read back only in the backward (the
 // recurrences' saved gates, 4 x the states). An ordinary store that misses reads the line in
-// first and evicts the loop's working set; these go around the caches (11% off the GRU's
-// forward). The caller ends its pass with `stream_fence`.
+// first and evicts the loop's working set; these go around the caches. The caller ends its
+// pass with `stream_fence`.
 inline void stream_floats(float* __restrict__ dst, const float* __restrict__ src, int64_t count) {
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -450,7 +451,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t t, int64_t batch, int64_t
     const float* __restrict__ previous = states + (t * batch + p) * size;
     const float* __restrict__ s = saved + (t * batch + p) * 4 * size;
     if (t > 0) {  // the row's saved gates and state of step t - 1, in memory (streamed out)
-      prefetch_floats(s - batch * 4 * size, 4 * size);  // 10% off the backward at batch 2048
+      prefetch_floats(s - batch * 4 * size, 4 * size);  // hides the backward's memory stalls
       prefetch_floats(previous - batch * size, size);
     }
     float* __restrict__ c = carry + p * size;  // read, then replaced, element by element
@@ -568,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_forward(
   float* out = output.data_ptr<float>();
   float* xr = x_rows.data_ptr<float>();
   // One instance per case (AUGRU or GRU, outputs written or not): a test of either inside the
-  // elementwise loop cost ~10% of the forward at batch 2048.
+  // elementwise loop slowed the forward.
   using RowsForward = decltype(&forward_rows<true, true>);
   const RowsForward variants[2][2] = {{forward_rows<false, false>, forward_rows<false, true>},
                                       {forward_rows<true, false>, forward_rows<true, true>}};
@@ -693,7 +694,7 @@ gated_backward(const at::Tensor& upstream_in, const at::Tensor& x_in, const at::
   float* dwi = weight_ih_sums.data_ptr<float>();
   float* dw = weight_sums.data_ptr<float>();
   // One instance per case (AUGRU or GRU, per-step upstream gradients or the final state's):
-  // a test of either inside the elementwise loop made the AUGRU's backward 1.4x as slow.
+  // a test of either inside the elementwise loop slowed the AUGRU's backward.
   using RowsBackward = decltype(&backward_rows<true, true>);
   const RowsBackward variants[2][2] = {{backward_rows<false, false>, backward_rows<false, true>},
                                        {backward_rows<true, false>, backward_rows<true, true>}};
@@ -1313,7 +1314,7 @@ std::vector<at::Tensor> pair_lookup_forward(const at::Tensor& item_table_in,
 // Backward of pair_lookup_forward: grads[i] [B, K_i, D_item + D_category] (undefined: none)
 // -> dense (d item_table, d category_table). Id 0 is padding and gets no gradient
 // (nn.Embedding's padding_idx = 0). Each table is summed by one thread in id order:
-// deterministic, and ~10x faster than aten's embedding backward at these sizes.
+// deterministic, and much faster than aten's embedding backward at these sizes.
 std::tuple<at::Tensor, at::Tensor> pair_lookup_backward(at::TensorList grads,
                                                         at::TensorList item_ids,
                                                         at::TensorList category_ids,
@@ -2364,7 +2365,7 @@ at::Tensor sample_rows_backward(const at::Tensor& grad_in, const at::Tensor& ind
 
 // Batched matrix-vector products of [B, L, D] rows (DIEN's bilinear attention scores, the
 // attention-weighted and masked means over a history): ATen runs these as bmm, which MKL takes
-// one tiny [L, D] matrix at a time (~0.5 ms per call at [256, 50, 64]); each is one pass here.
+// one tiny [L, D] matrix at a time; each is one pass here.
 // x's last dimension must be contiguous (views with other batch and position strides are read
 // in place).
 
