@@ -1,18 +1,27 @@
 """What the benchmark scripts share: the fixed model size of the targets, quiet Kedro logging,
-and features built by the real pipelines in a temporary copy of the project."""
+features built by the real pipelines in a temporary copy of the project, and the results file
+each script writes (benchmarks/results/<script>.md), so that measured figures live in one place."""
 
 from __future__ import annotations
 
+import io
 import os
+import platform
+import shlex
 import shutil
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+from importlib import metadata
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # harness/sandbox.py (Kedro runs in a throw-away project copy) is not part of the package.
 sys.path.insert(0, str(PROJECT_ROOT / "harness"))
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 
 # Kedro 1.7's config loader still calls OmegaConf's deprecated resolver API.
 warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", UserWarning)
@@ -67,3 +76,61 @@ def build_features(
         return {name: catalog.load(name) for name in outputs}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to several streams."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextmanager
+def recorded(output: Path) -> Iterator[None]:
+    """Print as usual and keep a copy; when the block ends without an error, write the copy to
+    `output` (markdown) under a header: the command, date and machine. A failed run leaves the
+    previous results in place."""
+    started = time.perf_counter()
+    copy = io.StringIO()
+    with redirect_stdout(_Tee(sys.stdout, copy)):
+        yield
+    script = Path(sys.argv[0]).name
+    header = (
+        f"# benchmarks/{script}\n\n"
+        f"Written by the script, every run overwrites it. Command: "
+        f"`{shlex.join(['python', f'benchmarks/{script}', *sys.argv[1:]])}` "
+        f"(wall time {(time.perf_counter() - started) / 60:.1f} min).\n\n"
+        f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} CPUs; "
+        f"torch {_version('torch')}, onnxruntime {_version('onnxruntime')}, "
+        f"attention_ctr {_version('attention_ctr')}.\n"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(f"{header}\n```text\n{copy.getvalue().strip()}\n```\n")
+    print(f"written to {output}")

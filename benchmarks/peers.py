@@ -36,7 +36,7 @@ same histories.
 
 Epochs: ours the environment's `training.epochs` with its early stopping (patience); the
 peers `--epochs`: by default 2, as many as ours may run (`ours`) on Taobao's small sample, and
-1 for torch-rechub's BST on MovieLens (its slowest, a few hundred samples/s on 2 cores).
+1 for torch-rechub's BST on MovieLens (its slowest).
 
 Each model trains in its own subprocess (2 torch threads, `OMP_WAIT_POLICY=PASSIVE` so idle
 OpenMP threads sleep on a shared host). Training samples/s: ours from the training history
@@ -51,7 +51,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -68,7 +67,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from _common import PROJECT_ROOT, quiet_kedro_logging
+from _common import PROJECT_ROOT, cpu_model, quiet_kedro_logging
 
 OURS, DEEPCTR, RECHUB, COUNTS = "attention_ctr", "deepctr-torch", "torch-rechub", "train counts"
 # (model, library) rows of each table; torch-rechub is the only peer with a BST.
@@ -419,7 +418,7 @@ def run_one(args: argparse.Namespace) -> int:
     args.epochs = int(args.epochs[0])  # the parent passes this model's own
     directory = Path(directory)
     torch.set_num_threads(args.threads)
-    # A process's first torch optimizer imports torch._dynamo (~2 s). The peers build theirs
+    # A process's first torch optimizer imports torch._dynamo (seconds). The peers build theirs
     # before their fit call (DeepCTR's compile, CTRTrainer's constructor): import it before
     # any timer starts.
     importlib.import_module("torch._dynamo")
@@ -755,14 +754,7 @@ def _machine(args: argparse.Namespace) -> str:
             versions.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     reduced = [spec for spec in args.epochs if "/" in spec]
     note = f" ({', '.join(reduced)}: fewer for the slowest peer, for the time budget)"
     return (

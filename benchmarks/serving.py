@@ -19,6 +19,8 @@ torch runs eagerly in inference mode with `torch.set_num_threads(--threads)`; on
 the project's session (`onnx_session`: --threads intra-op threads, no spinning). Torch and
 onnxruntime calls alternate, so a busy shared host slows both alike. Targets on 2 cores:
 onnxruntime >= 2x eager torch; DIN p99 <= 2.5 ms at 100 x 50 and >= 50,000 samples/s at 128.
+What it prints is also written to benchmarks/results/serving.md, under the command, date and
+machine.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import torch
-from _common import HISTORY, fixed_size
+from _common import HISTORY, RESULTS, fixed_size, recorded
 
 EDGES = [60, 300, 900, 3600, 10800, 21600, 43200, 86400, 172800, 345600, 604800, 2592000]
 
@@ -212,4 +214,7 @@ def _raw_request(tables: dict, batch: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # what it printed also goes to benchmarks/results/, under the command and machine
+    with recorded(RESULTS / "serving.md"):
+        status = main()
+    sys.exit(status)

@@ -13,7 +13,8 @@ DIN >= 17,000 samples/s, DIEN <= 2.5x DIN's cost per sample, BST >= 5,000 sample
 
 A shared VM's speed drifts by 20% and more within minutes, so one run of DIN then one of DIEN
 can misstate their ratio: `--repeats N` runs every model N times in turn (round-robin) and
-reports each one's median rate, and the ratio from those.
+reports each one's median rate, and the ratio from those. What it prints is also written to
+benchmarks/results/training.md, under the command, date and machine.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import statistics
 import sys
 
 import torch
-from _common import HISTORY, PROJECT_ROOT, build_features, fixed_size
+from _common import HISTORY, PROJECT_ROOT, RESULTS, build_features, fixed_size, recorded
 from kedro.config import OmegaConfigLoader
 
 from attention_ctr import kernels
@@ -168,4 +169,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # what it printed also goes to benchmarks/results/, under the command and machine
+    with recorded(RESULTS / "training.md"):
+        status = main()
+    sys.exit(status)

@@ -22,7 +22,7 @@ from attention_ctr.models import MODELS
 
 DAGS = PROJECT_ROOT / "dags"
 DAG_FILE = DAGS / "attention_ctr_retraining_dag.py"
-# The README's command; the test runs it with another --target-dir.
+# The command docs/retraining_and_airflow.md gives; the test runs it with another --target-dir.
 GENERATE = [
     "airflow",
     "create",

@@ -176,7 +176,7 @@ def _free_port() -> int:
 
 
 def test_kedro_viz_run_serves_the_projects_pipelines(exported_run, tmp_path):
-    """`kedro viz run` starts its server on the project (the command the README gives)."""
+    """`kedro viz run` starts its server on the project (the command docs/kedro_viz.md gives)."""
     require_module("kedro_viz")
     project, _ = exported_run
     port = _free_port()

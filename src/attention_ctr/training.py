@@ -80,14 +80,13 @@ def keep_freed_memory_for_reuse() -> bool:
 
     A training step allocates and frees dozens of multi-MB activations. By default glibc serves
     each from a fresh mmap (or trims the heap after it), so every step pays thousands of page
-    faults zeroing the same memory again: about a fifth of DIN's CPU step. Raising the mmap and
+    faults zeroing the same memory again, a large share of a CPU step. Raising the mmap and
     trim thresholds keeps those blocks in the heap for the next step (what tcmalloc and jemalloc
     do by design). Blocks above glibc's largest mmap threshold (32 MB) would still be mapped
-    and faulted in afresh every step (at batch 2048, DIEN's auxiliary activations are 70 MB
-    each: a third of its step), so mmap is turned off and every block comes from the heap.
-    The price is a process that gives memory back to the OS later (DIEN at batch 2048: peak
-    RSS 1.9 GB against 1.65 GB). Returns whether the allocator was tuned (glibc only; a no-op
-    elsewhere).
+    and faulted in afresh every step (DIEN's auxiliary activations at large batches are that
+    big), so mmap is turned off and every block comes from the heap. The price is a process
+    that gives memory back to the OS later, and a somewhat higher peak RSS. Returns whether
+    the allocator was tuned (glibc only; a no-op elsewhere).
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED or sys.platform != "linux":
@@ -124,8 +123,7 @@ def _check_cpu_bf16(device: torch.device, config: TrainingConfig) -> None:
     if device.type == "cpu" and config.bf16_on_cpu and not _cpu_has_amx():
         logger.warning(
             "training.bf16_on_cpu: this CPU has no AMX, where bf16 matmuls pay off; without it "
-            "they may run slower than float32 (DIEN on an AMD EPYC with AVX512-BF16: "
-            "4,516 against 7,332 samples/s)"
+            "they may run slower than float32 (DIEN does on an AMD EPYC with AVX512-BF16)"
         )
 
 
@@ -193,7 +191,7 @@ def fit(
         kernels.available()  # built (once per machine) before the first epoch's clock starts
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    # fused: one kernel over all parameters (CPU and CUDA), ~2x faster than the per-tensor loop
+    # fused: one kernel over all parameters (CPU and CUDA) instead of a loop over tensors
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
     )
@@ -205,7 +203,7 @@ def fit(
             "its kernels with one): install g++ or set training.compile: false"
         )
     # torch.compile fuses the elementwise work of forward and backward (Dice, masks, gates)
-    # into a few kernels; it pays a one-off compile of tens of seconds per model.
+    # into a few kernels; it pays a one-off compile per model.
     losses = torch.compile(batch_losses) if config.compile else batch_losses
     best_auc, best_state, stale, history = -math.inf, None, 0, []
     validation_labels = validation.label.cpu().numpy()
