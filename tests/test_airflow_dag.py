@@ -20,6 +20,8 @@ from sandbox import make_project_copy, nested
 
 from attention_ctr.models import MODELS
 
+pytestmark = pytest.mark.airflow
+
 DAGS = PROJECT_ROOT / "dags"
 DAG_FILE = DAGS / "attention_ctr_retraining_dag.py"
 # The command docs/retraining_and_airflow.md gives; the test runs it with another --target-dir.
@@ -156,6 +158,7 @@ def test_airflow_imports_the_committed_dag_with_the_pipelines_tasks(retraining, 
     assert loaded["max_active_runs"] == 1  # two retrainings would race on the pointer
 
 
+@pytest.mark.slow
 def test_airflow_runs_the_retraining_dag_end_to_end_and_promotes(tmp_path):
     """`airflow dags test` on a DAG generated like the committed one, for a small-data env."""
     require_module("airflow")

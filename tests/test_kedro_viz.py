@@ -23,6 +23,8 @@ from kedro.framework.startup import bootstrap_project
 
 from attention_ctr.models import MODELS
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless on a closed network: no sandbox as root, no background connections to Google.
 CHROMIUM_FLAGS = [

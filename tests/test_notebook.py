@@ -5,12 +5,14 @@ from __future__ import annotations
 import shutil
 
 import nbformat
+import pytest
 from conftest import PROJECT_ROOT
 from nbclient import NotebookClient
 
 from attention_ctr.models import MODELS
 
 
+@pytest.mark.slow
 def test_walkthrough_notebook_runs_on_a_real_project(exported_run):
     project, _ = exported_run
     folder = project / "notebooks"

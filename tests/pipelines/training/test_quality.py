@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import PROJECT_ROOT
 from sandbox import make_project_copy, run_pipeline
 
@@ -19,6 +20,7 @@ QUALITY_RUN = {
 MARGIN = 0.015
 
 
+@pytest.mark.slow
 def test_every_attention_model_beats_pooling_on_validation_auc(tmp_path):
     project = make_project_copy(tmp_path / "project", source=PROJECT_ROOT)
     catalog = run_pipeline(
