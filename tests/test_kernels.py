@@ -1,6 +1,7 @@
 """The optional CPU recurrence kernel against the plain-torch recurrences it stands in for."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -147,10 +148,10 @@ def test_dien_cpu_training_takes_the_kernel_and_trains_like_the_reference(monkey
 def test_ops_use_the_kernel_only_in_cpu_training():
     cell = AUGRUCell(3, 4).train()
     x, a = torch.randn(5, 6, 3, requires_grad=True), torch.rand(5, 6)
-    assert "_GatedRecurrence" in type(ops.augru_final_state(cell, x, a).grad_fn).__name__
+    assert "gated_forward" in type(ops.augru_final_state(cell, x, a).grad_fn).__name__
     with torch.no_grad():
         assert ops.augru_final_state(cell.eval(), x, a).grad_fn is None
-    assert "_GatedRecurrence" not in type(ops.augru_final_state(cell, x, a).grad_fn).__name__
+    assert "gated_forward" not in type(ops.augru_final_state(cell, x, a).grad_fn).__name__
 
 
 def test_switch_turns_the_kernel_off(monkeypatch):
@@ -159,7 +160,7 @@ def test_switch_turns_the_kernel_off(monkeypatch):
     assert not kernels.available()
     cell = AUGRUCell(3, 4).train()
     x, a = torch.randn(5, 6, 3, requires_grad=True), torch.rand(5, 6)
-    assert "_GatedRecurrence" not in type(ops.augru_final_state(cell, x, a).grad_fn).__name__
+    assert "gated_forward" not in type(ops.augru_final_state(cell, x, a).grad_fn).__name__
 
 
 def test_without_a_compiler_training_falls_back(monkeypatch, caplog):
@@ -169,3 +170,33 @@ def test_without_a_compiler_training_falls_back(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert not kernels.available()
     assert "No C++ compiler" in caplog.text
+
+
+@needs_kernels
+@pytest.mark.parametrize("final_only", [False, True], ids=["states", "final"])
+@pytest.mark.parametrize("augru", [False, True], ids=["gru", "augru"])
+def test_the_op_passes_torch_library_opcheck(augru, final_only):
+    """Schema, fake (shape) and autograd registrations, and tracing through AOT dispatch. Every
+    row runs all steps here: with lengths, the buffers saved for the backward are left unwritten
+    after a row's end (never read), which an output comparison would trip on."""
+    assert kernels.available()
+    inputs, attention, _ = _inputs(6, 5, 4)
+    leaves = [t.requires_grad_() for t in inputs]
+    attention = attention.requires_grad_() if augru else torch.empty(0)
+    args = (*leaves, attention, torch.empty(0, dtype=torch.long), final_only, False)
+    torch.library.opcheck(torch.ops.attention_ctr_kernels.gated_forward.default, args)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_not_waited_on(monkeypatch, tmp_path, caplog):
+    """A first build killed half-way leaves `<build dir>/lock`; torch's build would wait on it
+    forever (every later CPU training hung silently). An old lock is removed with a warning."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "py311_cpu" / "attention_ctr_kernels_test" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        kernels._clear_stale_build_lock("attention_ctr_kernels_test")
+    assert not lock.exists()
+    assert "did not finish" in caplog.text and str(lock) in caplog.text

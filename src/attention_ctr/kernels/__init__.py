@@ -36,6 +36,7 @@ SOURCE = Path(__file__).with_name("recurrence.cpp")
 ENV_SWITCH = "ATTENTION_CTR_CPU_KERNELS"
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
+_registered: list[bool] = []  # the torch.library registrations, once per process
 
 
 def has_cxx_compiler() -> bool:
@@ -46,13 +47,43 @@ def has_cxx_compiler() -> bool:
 
 
 def _cpu_tag() -> str:
-    """The build uses -march=native: key it by CPU so a shared home never runs the wrong one."""
+    """The build uses -march=native: key it by CPU so a shared home never runs the wrong one
+    (x86's `flags`, aarch64's `Features`; elsewhere, e.g. macOS, the processor's name)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        flags = ""
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+        info = []
+    features = [line for line in info if line.startswith(("flags", "Features"))][:1]
+    described = features[0] if features else f"{platform.processor()} {platform.platform()}"
+    return hashlib.sha1(f"{platform.machine()} {described}".encode()).hexdigest()[:10]
+
+
+# A build takes well under a minute: a lock older than this was left by a build that was killed
+# half-way, and torch's build would wait on it forever.
+STALE_LOCK_SECONDS = 300
+
+
+def _clear_stale_build_lock(name: str) -> None:
+    """Waits for a build of `name` in progress elsewhere (its lock file), at most until the lock
+    is STALE_LOCK_SECONDS old; a lock that old is removed, with a warning naming it."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in [*root.glob(f"*/{name}/lock"), *root.glob(f"{name}/lock")]:
+        while lock.exists():
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break
+            if age > STALE_LOCK_SECONDS:
+                logger.warning(
+                    "Removing %s, left %.0f s ago by a kernel build that did not finish",
+                    lock,
+                    age,
+                )
+                lock.unlink(missing_ok=True)
+                break
+            time.sleep(1.0)
 
 
 def _put_ninja_on_path() -> None:
@@ -86,6 +117,7 @@ def _load() -> bool:
     from torch.utils.cpp_extension import load
 
     name = f"attention_ctr_kernels_{_cpu_tag()}"
+    _clear_stale_build_lock(name)
     flags = ["-O3", "-march=native", "-fopenmp"]
     if platform.machine() in {"x86_64", "AMD64"}:
         flags.append("-mprefer-vector-width=512")  # gcc's default is 256-bit vectors
@@ -107,6 +139,9 @@ def _load() -> bool:
             ENV_SWITCH,
         )
         return False
+    if not _registered:
+        _register_fake_and_autograd()
+        _registered.append(True)
     logger.info("CPU recurrence kernel ready in %.1f s", time.perf_counter() - started)
     return True
 
@@ -122,39 +157,49 @@ def _bf16_matmuls() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-class _GatedRecurrence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh, final_only):  # type: ignore[override]
-        ctx.bf16 = _bf16_matmuls()
-        with torch.autocast("cpu", enabled=False):
-            x_, weight_ih_, weight = x.float(), weight_ih.float(), weight_hh.float()
-            a = attention.float()
-            output, states, saved, order = torch.ops.attention_ctr_kernels.gated_forward(
-                x_, weight_ih_, bias_ih.float(), weight, bias_hh.float(), a, lengths,
-                final_only, ctx.bf16,
-            )  # fmt: skip
-        ctx.save_for_backward(x_, states, saved, order, lengths, weight_ih_, weight, a)
-        ctx.dtypes = tuple(
-            t.dtype for t in (x, weight_ih, bias_ih, attention, lengths, weight_hh, bias_hh)
-        ) + (None,)
-        return output
+def _register_fake_and_autograd() -> None:
+    """Shape (fake) and autograd registrations of the C++ ops (`torch.library`), so they trace
+    like any torch op; `tests/test_kernels.py` checks them with `torch.library.opcheck`."""
+    ops = torch.ops.attention_ctr_kernels
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):  # type: ignore[override]
-        x, states, saved, order, lengths, weight_ih, weight, attention = ctx.saved_tensors
-        with torch.autocast("cpu", enabled=False):
-            d_x, d_weight_ih, d_weight, d_attention, d_bias_ih, d_bias_hh = (
-                torch.ops.attention_ctr_kernels.gated_backward(
-                    grad_output.float(), x, states, saved, order, lengths, weight_ih, weight,
-                    attention, ctx.bf16,
-                )
-            )  # fmt: skip
-        gradients = (d_x, d_weight_ih, d_bias_ih, d_attention, None, d_weight, d_bias_hh, None)
-        return tuple(
-            None if g is None or g.numel() == 0 else g.to(dtype)
-            for g, dtype in zip(gradients, ctx.dtypes)
+    @torch.library.register_fake("attention_ctr_kernels::gated_forward")
+    def _(x, weight_ih, bias_ih, weight, bias, attention, lengths, final_only, bf16):
+        batch, length, size = x.shape[0], x.shape[1], weight.shape[1]
+        output = x.new_empty((batch, size) if final_only else (batch, length, size))
+        states = x.new_empty((length + 1, batch, size))  # h_0 .. h_L, in the kernel's row order
+        saved = x.new_empty((length, batch, 4, size))  # per step: r, update gate, U_n h + b_n, h~
+        return output, states, saved, x.new_empty((batch,), dtype=torch.long)
+
+    @torch.library.register_fake("attention_ctr_kernels::gated_backward")
+    def _(upstream, x, states, saved, order, lengths, weight_ih, weight, attention, bf16):
+        gates = weight.shape[0]
+        d_attention = x.new_empty((x.shape[0] if attention.numel() else 0, x.shape[1]))
+        return (
+            x.new_empty(x.shape),
+            x.new_empty(weight_ih.shape),
+            x.new_empty(weight.shape),
+            d_attention,
+            x.new_empty((gates,)),
+            x.new_empty((gates,)),
         )
+
+    def setup_context(ctx, inputs, output):
+        x, weight_ih, _, weight, _, attention, lengths, _, bf16 = inputs
+        _, states, saved, order = output
+        ctx.save_for_backward(x, states, saved, order, lengths, weight_ih, weight, attention)
+        ctx.bf16 = bf16
+
+    def backward(ctx, grad_output, _states, _saved, _order):
+        x, states, saved, order, lengths, weight_ih, weight, attention = ctx.saved_tensors
+        d_x, d_weight_ih, d_weight, d_attention, d_bias_ih, d_bias = ops.gated_backward(
+            grad_output, x, states, saved, order, lengths, weight_ih, weight, attention, ctx.bf16
+        )
+        d_attention = d_attention if attention.numel() else None
+        return d_x, d_weight_ih, d_bias_ih, d_weight, d_bias, d_attention, None, None, None
+
+    torch.library.register_autograd(
+        "attention_ctr_kernels::gated_forward", backward, setup_context=setup_context
+    )
 
 
 def gated_recurrence(
@@ -171,15 +216,19 @@ def gated_recurrence(
     `[B, L, I]` from h_0 = 0, or with `attention` `[B, L]` of the AUGRU (update gate scaled by
     a_t); `final_only`: each row's last state `[B, H]`. With `lengths` `[B]` (left-aligned
     rows), row b runs only its first lengths[b] steps: its later states repeat its last one."""
-    no_attention = x.new_empty(0)
-    no_lengths = torch.empty(0, dtype=torch.long)
-    return _GatedRecurrence.apply(
-        x,
-        weight_ih,
-        bias_ih,
-        no_attention if attention is None else attention,
-        no_lengths if lengths is None else lengths.to(torch.long),
-        weight_hh,
-        bias_hh,
-        final_only,
-    )
+    attention = x.new_empty(0) if attention is None else attention
+    lengths = torch.empty(0, dtype=torch.long) if lengths is None else lengths.to(torch.long)
+    bf16 = _bf16_matmuls()
+    with torch.autocast("cpu", enabled=False):  # float32 operands; bf16 rounding is the kernel's
+        output, _, _, _ = torch.ops.attention_ctr_kernels.gated_forward(
+            x.float(),
+            weight_ih.float(),
+            bias_ih.float(),
+            weight_hh.float(),
+            bias_hh.float(),
+            attention.float(),
+            lengths,
+            final_only,
+            bf16,
+        )
+    return output
