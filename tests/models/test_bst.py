@@ -6,7 +6,8 @@ import pytest
 import torch
 from model_sizes import SIZES
 
-from attention_ctr.models import BST, random_batch
+from attention_ctr.models import BST, ops, random_batch
+from attention_ctr.models.base import pad_positions
 from attention_ctr.models.bst import TransformerBlock
 
 MAX_HISTORY = 6
@@ -49,8 +50,7 @@ def test_sequence_is_history_then_target(output):
     length = MAX_HISTORY - 2
     b = batch(length=length)
     tokens, keep = model.tokens(b)
-    expected_length = MAX_HISTORY + 1 if output == "concat" else length + 1
-    assert tokens.shape == (5, expected_length, 16 + 8)
+    assert tokens.shape == (5, length + 1, 16 + 8)  # the concat output pads after the encoder
     assert keep[:, -1].all()  # the target is never masked
     assert torch.equal(keep[:, :length], b["mask"])
     assert not keep[:, length:-1].any()
@@ -135,3 +135,47 @@ def test_bad_options_are_rejected():
         make(output="cls")
     with pytest.raises(ValueError, match="max_history"):
         make().eval()(batch(length=MAX_HISTORY + 1))
+
+
+@pytest.mark.parametrize("length", [1, 3, MAX_HISTORY])
+def test_concat_output_is_the_paper_s_fixed_width_sequence(length):
+    """Encoding the L + 1 real tokens and padding the outputs to max_history afterwards is the
+    same function, values and gradients, as encoding the history padded to max_history."""
+    model = make(transformer_dropout=0.0).double()
+    b = batch(4, length)
+
+    def padded_logits() -> torch.Tensor:
+        history, keep = model.history_tokens(b)
+        x = torch.cat([pad_positions(history, MAX_HISTORY), model.target_tokens(b)], dim=1)
+        keep = torch.cat([pad_positions(keep, MAX_HISTORY), keep.new_ones(4, 1)], dim=1)
+        for layer in model.layers:
+            x = layer(x, keep)
+        features = x.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
+        return model.mlp(features).squeeze(-1)
+
+    got, expected = model(b), padded_logits()
+    torch.testing.assert_close(got.double(), expected)
+    parameters = list(model.parameters())
+    for a, w in zip(
+        torch.autograd.grad(got.sum(), parameters, allow_unused=True),
+        torch.autograd.grad(expected.sum(), parameters, allow_unused=True),
+    ):
+        if w is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, w)
+
+
+def test_cpu_training_dropout_keeps_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    x = torch.ones(200, 500)
+    out = ops.dropout(x, 0.1, training=True)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.9), rtol=1e-4, atol=0)
+    assert not torch.equal(kept, ops.dropout(x, 0.1, training=True) != 0)  # fresh masks
+    assert ops.dropout(x, 0.1, training=False) is x
+    x.requires_grad_()
+    out = ops.dropout(x, 0.1, training=True)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, out.detach())  # gradient = mask * scale

@@ -29,8 +29,9 @@ P = position_dim, d = E + P):
     batch["hist_item"], batch["hist_category"]        [B, L] int64
     batch["time_gap"]                                 [B, L] int64 (position="time_gap")
     batch["mask"]                                     [B, L] bool
-    tokens [B, S, d], S = M + 1 (concat) or L + 1 (mean), target at S - 1
-    encoder output [B, S, d] -> [B, S * d] (concat) or [B, d] (mean) -> MLP -> logits [B]
+    tokens [B, L + 1, d], target last
+    encoder output [B, L + 1, d] -> [B, (M + 1) * d] (concat: history padded to M) or [B, d]
+    (mean) -> MLP -> logits [B]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attention_ctr.models import ops
 from attention_ctr.models.base import Batch, CTRModel, capture_config, pad_positions
 from attention_ctr.models.embedding import BehaviorEmbedding
 from attention_ctr.models.mlp import MLP
@@ -112,9 +114,9 @@ class TransformerBlock(nn.Module):
             )  # [B, heads, S, d / heads]
         attended = attended.transpose(1, 2).reshape(x.shape[:-1] + (-1,))
         p, training = self.dropout_p, self.training
-        x = self.norm1(x + F.dropout(self.out(attended), p, training))
-        hidden = F.dropout(F.leaky_relu(self.feedforward1(x), LEAKY_SLOPE), p, training)
-        return self.norm2(x + F.dropout(self.feedforward2(hidden), p, training))
+        x = self.norm1(x + ops.dropout(self.out(attended), p, training))
+        hidden = ops.dropout(F.leaky_relu(self.feedforward1(x), LEAKY_SLOPE), p, training)
+        return self.norm2(x + ops.dropout(self.feedforward2(hidden), p, training))
 
 
 class BST(CTRModel):
@@ -194,8 +196,7 @@ class BST(CTRModel):
         return ids.masked_fill(~mask, 0)
 
     def history_tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The history's tokens `[B, L', d]` and `keep` `[B, L']` (True = real): L' =
-        `max_history` with `output="concat"` (a fixed width for the flattened output), else L."""
+        """The history's tokens `[B, L, d]` and `keep` `[B, L]` (True = real)."""
         mask = batch["mask"]
         if mask.shape[1] > self.max_history:
             raise ValueError(
@@ -203,11 +204,7 @@ class BST(CTRModel):
             )
         history = self.embedding.history(batch)  # [B, L, E]
         positions = self.position_embedding(self._positions(batch, mask))  # [B, L, P]
-        tokens = torch.cat([history, positions], dim=-1)
-        if self.output == "concat":
-            tokens = pad_positions(tokens, self.max_history)
-            mask = pad_positions(mask, self.max_history)
-        return tokens, mask
+        return torch.cat([history, positions], dim=-1), mask
 
     def target_tokens(self, batch: Batch) -> Tensor:
         """The candidates' tokens `[B, 1, d]`, at the target's own position id."""
@@ -244,7 +241,7 @@ class BST(CTRModel):
         """One history `[1, L]` against K candidates -> logits `[K]`: the history's tokens and
         their query/key/value projection in the first layer once, the rest per candidate (every
         token attends to the candidate's target token)."""
-        history, keep = self.history_tokens(batch)  # [1, L', d], [1, L']
+        history, keep = self.history_tokens(batch)  # [1, L, d], [1, L]
         target = self.target_tokens(batch)  # [K, 1, d]
         candidates = target.shape[0]
         first = self.layers[0]
@@ -257,10 +254,16 @@ class BST(CTRModel):
         return self._head(x, keep)
 
     def _head(self, x: Tensor, keep: Tensor) -> Tensor:
-        """The encoder's output `[B, S, d]` -> logits `[B]` (padded positions contribute 0)."""
+        """The encoder's output `[B, L + 1, d]` -> logits `[B]` (padded positions contribute 0).
+
+        The concat output has the fixed width of `max_history + 1` tokens: the history's
+        outputs are padded with zeros up to `max_history` here, after the encoder (padded tokens
+        are masked keys and zeroed outputs, so encoding them would change nothing).
+        """
         x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
         if self.output == "concat":
-            features = x.flatten(1)  # [B, (M + 1) * d]
+            history = pad_positions(x[:, :-1], self.max_history)
+            features = torch.cat([history, x[:, -1:]], dim=1).flatten(1)  # [B, (M + 1) * d]
         else:
             features = x.sum(1) / keep.sum(1, keepdim=True).to(x.dtype)
         return self.mlp(features).squeeze(-1).float()

@@ -8,6 +8,7 @@ speed. CPU training may run a recurrence in the optional compiled kernels instea
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention_ctr import kernels
@@ -45,3 +46,20 @@ def augru_final_state(cell: nn.Module, x: Tensor, attention: Tensor) -> Tensor:
         weights = (cell.weight_ih, cell.bias_ih, cell.weight_hh, cell.bias_hh)
         return kernels.gated_recurrence(x, *weights, attention=attention, final_only=True)
     return cell.sequence(x, attention)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """`F.dropout`; in CPU training with a cheaper random mask of the same law.
+
+    torch's CPU Bernoulli sampler costs several ns an element (a fifth of BST's training step):
+    here each 64-bit random draw gives four 15-bit uniforms, and an element is kept when its
+    uniform is >= round(p * 2^15) (p rounded to a multiple of 2^-15), then scaled by 1 / P(keep).
+    """
+    if not training or p <= 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
+        return F.dropout(x, p, training=True)
+    threshold = round(p * 32768)
+    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
+    uniforms = draws.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF  # [0, 2^15)
+    return x * (uniforms >= threshold).to(x.dtype).mul_(32768 / (32768 - threshold))
