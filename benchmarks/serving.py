@@ -103,8 +103,9 @@ def main() -> int:
             tables["cold"],
             tables["weights"],
         )
+        parity = {"max_abs_diff": float("nan"), "tolerance": 0}
         metadata = describe_serving(
-            graph, request_graph, model, model, spec, {"max_abs_diff": float("nan"), "tolerance": 0}
+            graph, request_graph, model, model, spec, parity, items, categories
         )
         scorer = Scorer(
             request_graph, metadata, items, categories, threads=args.threads, cache_size=0

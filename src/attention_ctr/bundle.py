@@ -19,7 +19,7 @@ from torch import nn
 from attention_ctr.models import fingerprint
 from attention_ctr.onnx_export import export_request_onnx
 from attention_ctr.runtime import onnx_session
-from attention_ctr.serving import Scorer
+from attention_ctr.serving import Scorer, seal, table_sha256
 from attention_ctr.training import category_average
 
 
@@ -105,9 +105,16 @@ def build_serving_tables(
 
 
 def request_metadata(
-    onnx_request_model: bytes, serving_model: nn.Module, model: nn.Module, feature_spec: dict
+    onnx_request_model: bytes,
+    serving_model: nn.Module,
+    model: nn.Module,
+    feature_spec: dict,
+    items: pd.DataFrame,
+    categories: pd.DataFrame,
 ) -> dict:
-    """What `attention_ctr.serving.Scorer` needs beside the request graph and the id tables.
+    """What `attention_ctr.serving.Scorer` needs beside the request graph and the id tables,
+    with the digests of the graph and of the tables (`items`, `categories`: the serving tables
+    as `Scorer` will load them). Not sealed yet: `seal` it once every field is in.
 
     `model_sha256` is the trained model's fingerprint (before the cold-start rows were added),
     the same one its test metrics carry.
@@ -119,6 +126,8 @@ def request_metadata(
         "model_sha256": fingerprint(model),
         "config": config,
         "request_onnx_sha256": hashlib.sha256(onnx_request_model).hexdigest(),
+        "items_sha256": table_sha256(items),
+        "categories_sha256": table_sha256(categories),
         "inputs": [item.name for item in session.get_inputs()],
         "output": session.get_outputs()[0].name,
         "output_is": "logits (apply a sigmoid for probabilities)",
@@ -153,5 +162,5 @@ def request_scorer(
     items, categories = build_serving_tables(
         item_ids, category_ids, item_frequency, cold_start_items, cold_start_weights
     )
-    metadata = request_metadata(graph, serving_model, model, feature_spec)
+    metadata = seal(request_metadata(graph, serving_model, model, feature_spec, items, categories))
     return Scorer(graph, metadata, items, categories, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import PurePosixPath
@@ -52,6 +53,16 @@ class VersionedFileDataset(AbstractVersionedDataset[_DI, _DO]):
         path = get_filepath_str(self._get_load_path(), self._protocol)
         with self._fs.open(path, "rb") as handle:
             return handle.read(), path
+
+    def file_sha256(self) -> str:
+        """sha256 of the stored bytes of the version to load, read in 1 MiB chunks and not
+        parsed (how `attention_ctr.serving` checks a batch graph it does not load)."""
+        path = get_filepath_str(self._get_load_path(), self._protocol)
+        digest = hashlib.sha256()
+        with self._fs.open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def _read_json(self) -> object:
         """The JSON value of the version to load; invalid JSON is an error naming the file."""

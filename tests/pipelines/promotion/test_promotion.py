@@ -30,7 +30,8 @@ def test_first_retraining_promotes_every_model_and_points_at_its_bundle(exported
         metadata = catalog.load(f"{name}.serving_metadata", version=entry["version"])
         metrics = catalog.load(f"{name}.test_metrics", version=entry["version"])
         assert entry["version"] == metadata["version"] == report["serving"][name]
-        assert entry["request_onnx_sha256"] == metadata["request_onnx_sha256"]
+        for digest in ("metadata_sha256", "request_onnx_sha256", "onnx_sha256", "items_sha256"):
+            assert entry[digest] == metadata[digest]
         assert entry["model_sha256"] == metrics["model_sha256"] == metadata["model_sha256"]
         assert entry["test_auc"] == metrics["test"]["auc"]
         assert report["decisions"][name]["reason"] == "nothing of this model was promoted before"
@@ -110,8 +111,11 @@ def _metadata(version="2026-01-02T00.00.00.000Z", difference=1e-7, sha="m1"):
         "model": "din",
         "version": version,
         "model_sha256": sha,
+        "metadata_sha256": "s",
         "request_onnx_sha256": "r",
         "onnx_sha256": "b",
+        "items_sha256": "i",
+        "categories_sha256": "c",
         "parity_max_abs_diff": difference,
         "parity_tolerance": 1e-5,
     }
@@ -142,6 +146,7 @@ def test_the_auc_may_fall_by_at_most_the_tolerance(incumbent_auc, promoted):
         (_metadata(sha="m2"), _metrics(), "of another model"),
         (_metadata(), _metrics(auc=None), "test AUC is undefined"),
         ({**_metadata(), "model_sha256": None}, _metrics(), "export this model again"),
+        ({**_metadata(), "metadata_sha256": None}, _metrics(), "predates sealed bundles"),
     ],
 )
 def test_a_candidate_that_failed_parity_or_has_no_comparable_metrics_is_kept_out(

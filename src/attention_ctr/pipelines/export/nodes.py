@@ -18,6 +18,7 @@ from attention_ctr.models.base import pad_positions
 from attention_ctr.onnx_export import OPSET, onnx_feed
 from attention_ctr.runtime import onnx_session
 from attention_ctr.sequences import SampleTensors, gather_history
+from attention_ctr.serving import seal
 
 logger = logging.getLogger(__name__)
 
@@ -229,15 +230,23 @@ def describe_serving(
     model: nn.Module,
     feature_spec: dict,
     parity: dict,
+    serving_items: pd.DataFrame,
+    serving_categories: pd.DataFrame,
 ) -> dict:
-    """The serving metadata, written once parity passed: the request graph's, the batch
-    graph's sha256 and the parity figures."""
-    return {
-        **request_metadata(onnx_request_model, serving_model, model, feature_spec),
-        "onnx_sha256": hashlib.sha256(onnx_model).hexdigest(),
-        "parity_max_abs_diff": parity["max_abs_diff"],
-        "parity_tolerance": parity["tolerance"],
-    }
+    """The serving metadata, written once parity passed and sealing the bundle: the request
+    graph's, the sha256 of both graphs and of both tables, the parity figures and
+    `metadata_sha256` (see "Bundle integrity" in `attention_ctr.serving`)."""
+    metadata = request_metadata(
+        onnx_request_model, serving_model, model, feature_spec, serving_items, serving_categories
+    )
+    return seal(
+        {
+            **metadata,
+            "onnx_sha256": hashlib.sha256(onnx_model).hexdigest(),
+            "parity_max_abs_diff": parity["max_abs_diff"],
+            "parity_tolerance": parity["tolerance"],
+        }
+    )
 
 
 def build_export_report(

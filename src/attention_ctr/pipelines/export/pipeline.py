@@ -67,7 +67,15 @@ def create_model_pipeline() -> Pipeline:
             ),
             Node(
                 describe_serving,
-                [*GRAPHS, "serving_model", "model", "feature_spec", "parity"],
+                [
+                    *GRAPHS,
+                    "serving_model",
+                    "model",
+                    "feature_spec",
+                    "parity",
+                    "serving_items",
+                    "serving_categories",
+                ],
                 "serving_metadata",
                 name="describe_serving",
             ),

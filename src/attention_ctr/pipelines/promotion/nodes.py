@@ -17,8 +17,12 @@ def _candidate(serving_metadata: dict, test_metrics: dict) -> dict:
     return {
         "version": serving_metadata["version"],
         "model_sha256": serving_metadata.get("model_sha256"),
+        # the bundle's digests: `Scorer.from_project(..., version="promoted")` checks them
+        "metadata_sha256": serving_metadata.get("metadata_sha256"),
         "request_onnx_sha256": serving_metadata["request_onnx_sha256"],
         "onnx_sha256": serving_metadata["onnx_sha256"],
+        "items_sha256": serving_metadata.get("items_sha256"),
+        "categories_sha256": serving_metadata.get("categories_sha256"),
         "parity_max_abs_diff": serving_metadata.get("parity_max_abs_diff"),
         "parity_tolerance": serving_metadata.get("parity_tolerance"),
         "test_auc": test["auc"],
@@ -33,6 +37,8 @@ def _refusal(candidate: dict, test_metrics: dict) -> str | None:
     difference, tolerance = candidate["parity_max_abs_diff"], candidate["parity_tolerance"]
     if candidate["model_sha256"] is None or tolerance is None:
         return "the export predates the promotion gate's records: export this model again"
+    if candidate["metadata_sha256"] is None:
+        return "the export predates sealed bundles (no metadata_sha256): export this model again"
     if not (difference is not None and difference <= tolerance):
         return (
             f"ONNX parity failed: max abs diff {difference} above the tolerance "
