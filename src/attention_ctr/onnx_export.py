@@ -1,7 +1,7 @@
 """ONNX export of the CTR models and onnxruntime sessions for them (plain torch/onnx, no Kedro).
 
 The TorchScript exporter (`dynamo=False`) is used on purpose: the dynamo exporter mis-exports
-recurrent loops (see MISSION.md). Two graphs per model, same input and output names:
+recurrent loops (DIEN's AUGRU). Two graphs per model, same input and output names:
 
 - the batch graph (`export_onnx`): the model's `forward`, B samples with B histories, traced
   at batch 2 with the full `max_history` (never at size 1: a size-1 trace can bake a broadcast

@@ -188,7 +188,8 @@ def fit(
     device = train.device
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
-        kernels.available()  # built (once per machine) before the first epoch's clock starts
+        if any(isinstance(module, nn.GRU) for module in model.modules()):
+            kernels.available()  # built (once per machine) before the first epoch's clock starts
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     # fused: one kernel over all parameters (CPU and CUDA) instead of a loop over tensors

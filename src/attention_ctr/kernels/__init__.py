@@ -11,7 +11,7 @@ the models are plain torch.
 
 The models never call this module: `attention_ctr.models.ops` does, and only in CPU training.
 It builds once per machine and torch version with `torch.utils.cpp_extension` (cached under
-`TORCH_EXTENSIONS_DIR`). Without a C++ compiler, when the build fails or times out, or with
+`TORCH_EXTENSIONS_DIR`). Without a C++ compiler, when the build fails, or with
 `ATTENTION_CTR_CPU_KERNELS=0`, training runs the plain-torch reference (same function):
 `available()` says which.
 """

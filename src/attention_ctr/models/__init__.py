@@ -5,6 +5,8 @@ them, so `build_model(model.name, **model.config)` rebuilds the architecture) an
 of tensors (see `base.py` for the conventions), and offers:
 
 - `forward(batch) -> logits [B]` (no sigmoid),
+- `score_request(batch) -> logits [K]`: one history `[1, L]` against K candidates, the
+  history-only work done once (what the exported request graph runs),
 - `forward_with_auxiliary(batch) -> (logits [B], auxiliary loss or None)` (DIEN's loss, already
   weighted by `aux_weight`; None for the other models),
 - `auxiliary_loss(batch)`, `attention(batch) -> [B, L]` (exactly 0 on padding),

@@ -12,7 +12,11 @@ from sandbox import run_pipeline
 
 from attention_ctr.datasets import JsonPointerDataset, ServingMetadataDataset
 from attention_ctr.models import MODELS
-from attention_ctr.pipelines.promotion.nodes import decide_promotion, move_promotion_pointer
+from attention_ctr.pipelines.promotion.nodes import (
+    decide_promotion,
+    move_promotion_pointer,
+    report_promotion,
+)
 from attention_ctr.serving import Scorer
 
 TOLERANCE = {"tolerance": 0.005}
@@ -155,8 +159,9 @@ def test_a_candidate_that_failed_parity_or_has_no_comparable_metrics_is_kept_out
     for pointer in ({}, _incumbent(0.5)):  # even when nothing serves yet
         decision = decide_promotion(metadata, metrics, pointer, TOLERANCE)
         assert not decision["promoted"] and reason in decision["reason"]
-    pointer, report = move_promotion_pointer(_incumbent(0.5), din=decision)
-    assert pointer == _incumbent(0.5) and report["kept_out"] == ["din"]
+    pointer = move_promotion_pointer(_incumbent(0.5), din=decision)
+    assert pointer == _incumbent(0.5)
+    assert report_promotion(dict(pointer), din=decision)["kept_out"] == ["din"]
 
 
 def test_a_negative_tolerance_is_an_error_naming_the_parameter():
@@ -219,8 +224,8 @@ def test_two_runs_moving_the_pointer_at_once_lose_no_promotion(tmp_path):
     base = first_run.load()
     assert second_run.load() == base
 
-    pointer_a, _ = move_promotion_pointer(base, din=_decision("v2", 0.82, base))
-    pointer_b, _ = move_promotion_pointer(base, din=_decision("v3", 0.818, base))
+    pointer_a = move_promotion_pointer(base, din=_decision("v2", 0.82, base))
+    pointer_b = move_promotion_pointer(base, din=_decision("v3", 0.818, base))
     first_run.save(pointer_a)
     second_run.save(pointer_b)  # 0.818 is within the tolerance of v2's 0.82
     din = json.loads(path.read_text())["din"]
@@ -228,12 +233,18 @@ def test_two_runs_moving_the_pointer_at_once_lose_no_promotion(tmp_path):
 
     # A candidate worse than what the other run promoted meanwhile is kept out after all.
     base = first_run.load()
-    pointer_a, _ = move_promotion_pointer(base, din=_decision("v4", 0.90, base))
-    pointer_b, _ = move_promotion_pointer(base, din=_decision("v5", 0.81, base))
+    decision_b = _decision("v5", 0.82, base)  # passes its own gate against v3
+    assert decision_b["promoted"]
+    pointer_a = move_promotion_pointer(base, din=_decision("v4", 0.90, base))
+    pointer_b = move_promotion_pointer(base, din=decision_b)
     first_run.save(pointer_a)
     second_run.save(pointer_b)
     din = json.loads(path.read_text())["din"]
     assert din["version"] == "v4" and din["replaced_version"] == "v3"
+    # and the second run's report, read from what was written, says so
+    report = report_promotion(second_run.load(), din=decision_b)
+    assert report["promoted"] == [] and report["kept_out_by_another_run"] == ["din"]
+    assert report["serving"]["din"] == "v4"
 
 
 def test_the_pointer_save_waits_for_the_lock(tmp_path):
@@ -243,7 +254,7 @@ def test_the_pointer_save_waits_for_the_lock(tmp_path):
 
     path = tmp_path / "promoted_models.json"
     dataset = JsonPointerDataset(filepath=str(path))
-    update, _ = move_promotion_pointer({}, din=_decision("v1", 0.8, {}))
+    update = move_promotion_pointer({}, din=_decision("v1", 0.8, {}))
     with FileLock(f"{path}.lock"):
         saver = threading.Thread(target=dataset.save, args=(update,))
         saver.start()

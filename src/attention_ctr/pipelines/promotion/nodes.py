@@ -148,23 +148,37 @@ def _apply(promoted_models: dict, decisions: list[dict]) -> dict:
     return pointer
 
 
-def move_promotion_pointer(promoted_models: dict, **decisions: dict) -> tuple[dict, dict]:
-    """The new pointer (each model's serving version) and a report of this run's decisions.
+def move_promotion_pointer(promoted_models: dict, **decisions: dict) -> dict:
+    """The new pointer (each model's serving version) after this run's decisions.
 
     A model whose candidate was refused keeps its promoted version; a model this run did not
     gate keeps its entry untouched. The pointer is a `PointerUpdate`: saved, it is decided
     again under the file's lock if another run moved the pointer since this run read it.
     """
     gated = list(decisions.values())
-    pointer = PointerUpdate(
+    return PointerUpdate(
         _apply(promoted_models, gated),
         base=promoted_models,
         rebase=partial(_apply, decisions=gated),
     )
-    report = {
-        "promoted": sorted(d["model"] for d in gated if d["promoted"]),
-        "kept_out": sorted(d["model"] for d in gated if not d["promoted"]),
-        "serving": {name: entry["version"] for name, entry in sorted(pointer.items())},
+
+
+def report_promotion(promoted_models: dict, **decisions: dict) -> dict:
+    """This run's report, from the pointer as it was written (`promoted_models`, read back
+    after the save): a candidate its gate passed but that another run's promotion kept out
+    under the lock is reported kept out, never promoted."""
+    gated = list(decisions.values())
+
+    def serving(decision: dict) -> bool:
+        entry = promoted_models.get(decision["model"]) or {}
+        return decision["promoted"] and entry.get("version") == decision["candidate"]["version"]
+
+    return {
+        "promoted": sorted(d["model"] for d in gated if serving(d)),
+        "kept_out": sorted(d["model"] for d in gated if not serving(d)),
+        "kept_out_by_another_run": sorted(
+            d["model"] for d in gated if d["promoted"] and not serving(d)
+        ),
+        "serving": {name: entry["version"] for name, entry in sorted(promoted_models.items())},
         "decisions": {d["model"]: d for d in gated},
     }
-    return pointer, report

@@ -1,7 +1,11 @@
 from kedro.pipeline import Node, Pipeline
 
 from attention_ctr.pipelines import one_branch_per_model, one_group, per_model
-from attention_ctr.pipelines.promotion.nodes import decide_promotion, move_promotion_pointer
+from attention_ctr.pipelines.promotion.nodes import (
+    decide_promotion,
+    move_promotion_pointer,
+    report_promotion,
+)
 
 # The pointer is read as `promoted_models_before` and written as `promoted_models`: two
 # catalog entries for one file, so the gate can read it before the last node moves it.
@@ -34,9 +38,16 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 move_promotion_pointer,
                 {"promoted_models": POINTER_BEFORE, **per_model("promotion_decision")},
-                ["promoted_models", "promotion_report"],
+                "promoted_models",
                 name="move_promotion_pointer",
-            )
+            ),
+            # the report reads the pointer back: what was written, after any re-decision
+            Node(
+                report_promotion,
+                {"promoted_models": "promoted_models", **per_model("promotion_decision")},
+                "promotion_report",
+                name="report_promotion",
+            ),
         ]
     )
     return gates + one_group(pointer, "promotion")
