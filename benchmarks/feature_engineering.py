@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 from _common import PROJECT_ROOT, RESULTS, recorded
-from sandbox import make_project_copy, run_pipeline
 
 
 class NodeTimer(logging.Handler):
@@ -68,7 +67,6 @@ def main() -> int:
     }
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="fe-bench-"))
-    project = make_project_copy(workdir / "project", source=PROJECT_ROOT)
     # Quiet console (warnings only); node timings still flow to the timer below.
     quiet = workdir / "logging.yml"
     quiet.write_text(
@@ -77,6 +75,10 @@ def main() -> int:
         "loggers: {kedro: {level: INFO}}\nroot: {handlers: [console]}\n"
     )
     os.environ["KEDRO_LOGGING_CONFIG"] = str(quiet)
+    # Kedro reads KEDRO_LOGGING_CONFIG when it is first imported: only after it is set
+    from sandbox import make_project_copy, run_pipeline
+
+    project = make_project_copy(workdir / "project", source=PROJECT_ROOT)
     timer = NodeTimer()
     logging.getLogger("kedro.runner").addHandler(timer)
     try:
