@@ -47,14 +47,7 @@ class BehaviorEmbedding(nn.Module):
 
     def history(self, batch: Mapping[str, Tensor]) -> Tensor:
         """`[B, L, E]` history vectors; padded positions read as id 0, whatever they hold."""
-        mask = batch["mask"]
-        history = self.items(
-            batch["hist_item"].masked_fill(~mask, 0), batch["hist_category"].masked_fill(~mask, 0)
-        )
-        if self.behavior_embedding is not None:
-            behavior = batch["hist_behavior"].masked_fill(~mask, 0)
-            history = history + self.behavior_embedding(behavior)
-        return history
+        return self.lookup(batch)[1]
 
     def negative_history(self, batch: Mapping[str, Tensor]) -> Tensor:
         """`[B, L, E]` DIEN's sampled negative history; padding and missing negatives (id 0)
