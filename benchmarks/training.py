@@ -27,12 +27,22 @@ import torch
 from _common import HISTORY, PROJECT_ROOT, RESULTS, build_features, fixed_size, recorded
 from kedro.config import OmegaConfigLoader
 
-from attention_ctr import kernels
 from attention_ctr.models import build_model
 from attention_ctr.pipelines.training.nodes import training_config
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.settings import CONFIG_LOADER_ARGS
 from attention_ctr.training import TrainingConfig, fit, pick_device, seed_everything
+
+
+def recurrence_kernel() -> str:
+    """Which build of the optional kernel DIEN's CPU training takes, and its matmuls."""
+    try:
+        import attention_ctr_kernels as kernels
+    except ImportError:
+        return "not installed (pip install --no-build-isolation ./kernels)"
+    if not kernels.available():
+        return "off"
+    return f"{kernels.variant()} build, {kernels.matmul_backend()} matmuls"
 
 
 def project_length_windows(names: list[str]) -> dict[str, int]:
@@ -97,7 +107,7 @@ def main() -> int:
     }
     print(
         f"\ndevice {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-        f"recurrence kernel's matmuls: {kernels.matmul_backend()}; "
+        f"recurrence kernel: {recurrence_kernel()}; "
         f"{len(train):,} training samples, history <= {spec['max_history']}"
     )
     print(

@@ -12,7 +12,9 @@ import ctypes
 import ctypes.util
 import logging
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -25,8 +27,6 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from attention_ctr import kernels
-from attention_ctr.kernels import has_cxx_compiler
 from attention_ctr.sequences import SampleTensors
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,13 @@ def keep_freed_memory_for_reuse() -> bool:
 _ALLOCATOR_TUNED = False
 
 
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is on PATH ($CXX, g++, c++ or clang++): torch.compile builds
+    its CPU kernels with one."""
+    names = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
+    return any(shutil.which(name) for name in names if name)
+
+
 def _autocast(device: torch.device, config: TrainingConfig):
     if device.type == "cuda" and config.bf16_on_gpu:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -188,8 +195,6 @@ def fit(
     device = train.device
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
-        if any(isinstance(module, nn.GRU) for module in model.modules()):
-            kernels.available()  # built (once per machine) before the first epoch's clock starts
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     # fused: one kernel over all parameters (CPU and CUDA) instead of a loop over tensors

@@ -1,8 +1,9 @@
 """The one place where a model's op may leave plain torch.
 
 Every function here IS its plain-torch reference; the models call these and nothing else for
-speed. CPU training may run a recurrence in the optional compiled kernels instead (see
-`attention_ctr.kernels`): the same function, tested against the reference.
+speed. CPU training may run a recurrence in the optional compiled kernel instead (the
+`attention_ctr_kernels` package, built from `kernels/` at install): the same function, tested
+against the reference.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention_ctr import kernels
+try:
+    import attention_ctr_kernels as kernels
+except ImportError:  # not installed: the plain-torch references run everywhere
+    kernels = None
 
 
 def _kernel_training(x: Tensor) -> bool:
-    """CPU training with the optional kernels installed (not while exporting or compiling)."""
+    """CPU training with the optional kernel installed (not while exporting or compiling)."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
@@ -23,6 +27,7 @@ def _kernel_training(x: Tensor) -> bool:
         and x.requires_grad
         and not torch.onnx.is_in_onnx_export()
         and not torch.compiler.is_compiling()
+        and kernels is not None
         and kernels.available()
     )
 

@@ -1,149 +1,115 @@
-"""Optional compiled CPU kernel for training: the GRU / AUGRU recurrence of DIEN.
+"""Optional compiled CPU kernel of attention_ctr for training: the GRU / AUGRU recurrence of DIEN.
 
 `recurrence.cpp` runs the time loop of a one-layer GRU or AUGRU, forward and backward: per
 step, for each thread's share of the rows, the input projection and the hidden matmul
 (oneDNN's brgemm micro-kernels where they run, else BLAS: `matmul_backend`) and one fused pass
-over the gates, so no `[B, L, 3H]` projection or its gradient is ever written; given the rows'
-lengths, rows sorted longest first skip the steps after their length. Eager torch spends ~10
-small autograd ops per step on the same work. It is the one kernel that outruns both eager
-torch and `torch.compile` by a wide margin (`benchmarks/training.py` measures it); the rest of
-the models are plain torch.
+over the gates, so no `[B, L, 3H]` projection or its gradient is ever written; given the
+rows' lengths, rows sorted longest first skip the steps after their length. Eager torch spends
+~10 small autograd ops per step on the same work.
 
-The models never call this module: `attention_ctr.models.ops` does, and only in CPU training.
-It builds once per machine and torch version with `torch.utils.cpp_extension` (cached under
-`TORCH_EXTENSIONS_DIR`). Without a C++ compiler, when the build fails, or with
-`ATTENTION_CTR_CPU_KERNELS=0`, training runs the plain-torch reference (same function):
-`available()` says which.
+Built at install (`pip install --no-build-isolation ./kernels`) once per instruction-set level
+(`setup.py`); `available()` loads the one torch's own dispatcher picks for this CPU. Models
+never import this package: `attention_ctr.models.ops` does, and only in CPU training. Not
+installed, built for another torch, or switched off (`ATTENTION_CTR_CPU_KERNELS=0`),
+training runs the plain-torch reference, the same function.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
-import platform
-import shutil
 import threading
-import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("recurrence.cpp")
+# "0" (or off/false/no) switches the kernel off; a variant's name forces that variant.
 ENV_SWITCH = "ATTENTION_CTR_CPU_KERNELS"
+# torch's CPU capability (`torch.backends.cpu.get_cpu_capability()`) -> the variant built for it
+VARIANT_FOR_CAPABILITY = {"AVX512": "avx512", "AVX2": "avx2"}
+REINSTALL = "pip install --no-build-isolation ./kernels"
 _lock = threading.Lock()
-_state: dict[str, bool] = {}
+_state: dict[str, object] = {}
 _registered: list[bool] = []  # the torch.library registrations, once per process
 
 
-def has_cxx_compiler() -> bool:
-    """Whether a C++ compiler is on PATH ($CXX, g++, c++ or clang++): the kernel and
-    torch.compile on the CPU both build with it."""
-    names = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
-    return any(shutil.which(name) for name in names if name)
+def built_variants() -> list[str]:
+    """The variants this installation holds (x86-64: baseline, avx2, avx512)."""
+    names = ("baseline", "avx2", "avx512")
+    return [n for n in names if importlib.util.find_spec(f"{__name__}._recurrence_{n}")]
 
 
-def _cpu_tag() -> str:
-    """The build uses -march=native: key it by CPU so a shared home never runs the wrong one
-    (x86's `flags`, aarch64's `Features`; elsewhere, e.g. macOS, the processor's name)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        info = []
-    features = [line for line in info if line.startswith(("flags", "Features"))][:1]
-    described = features[0] if features else f"{platform.processor()} {platform.platform()}"
-    return hashlib.sha1(f"{platform.machine()} {described}".encode()).hexdigest()[:10]
-
-
-# A build takes well under a minute: a lock older than this was left by a build that was killed
-# half-way, and torch's build would wait on it forever.
-STALE_LOCK_SECONDS = 300
-
-
-def _clear_stale_build_lock(name: str) -> None:
-    """Waits for a build of `name` in progress elsewhere (its lock file), at most until the lock
-    is STALE_LOCK_SECONDS old; a lock that old is removed, with a warning naming it."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    for lock in [*root.glob(f"*/{name}/lock"), *root.glob(f"{name}/lock")]:
-        while lock.exists():
-            try:
-                age = time.time() - lock.stat().st_mtime
-            except FileNotFoundError:
-                break
-            if age > STALE_LOCK_SECONDS:
-                logger.warning(
-                    "Removing %s, left %.0f s ago by a kernel build that did not finish",
-                    lock,
-                    age,
-                )
-                lock.unlink(missing_ok=True)
-                break
-            time.sleep(1.0)
-
-
-def _put_ninja_on_path() -> None:
-    """cpp_extension runs `ninja`; the PyPI package's binary is not on PATH outside a venv shell."""
-    if shutil.which("ninja"):
-        return
-    try:
-        import ninja
-    except ImportError:
-        return
-    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+def variant() -> str | None:
+    """The variant for this CPU and setting: the switch's variant name if it names one, else
+    torch's CPU capability's where built, else the baseline; None when switched off."""
+    setting = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if setting in {"0", "false", "no", "off"}:
+        return None
+    built = built_variants()
+    if setting in {"baseline", "avx2", "avx512"}:
+        if setting not in built:
+            raise ValueError(f"{ENV_SWITCH}={setting}: not built here (built: {built})")
+        return setting
+    wanted = VARIANT_FOR_CAPABILITY.get(torch.backends.cpu.get_cpu_capability())
+    return wanted if wanted in built else "baseline"
 
 
 def available() -> bool:
-    """Build (once per process, from the cache after the first time) and load the kernel."""
+    """Load the kernel (once per process); False, with a warning saying why, where it cannot."""
     if "loaded" in _state:
-        return _state["loaded"]
+        return bool(_state["loaded"])
     with _lock:
         if "loaded" not in _state:
             _state["loaded"] = _load()
-    return _state["loaded"]
+    return bool(_state["loaded"])
 
 
 def _load() -> bool:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "false", "no", "off"}:
+    chosen = variant()
+    if chosen is None:
         return False
-    if not has_cxx_compiler():
-        logger.warning("No C++ compiler: DIEN's CPU training runs the plain-torch recurrence")
-        return False
-    _put_ninja_on_path()
-    from torch.utils.cpp_extension import load
-
-    name = f"attention_ctr_kernels_{_cpu_tag()}"
-    _clear_stale_build_lock(name)
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    if platform.machine() in {"x86_64", "AMD64"}:
-        flags.append("-mprefer-vector-width=512")  # gcc's default is 256-bit vectors
-    started = time.perf_counter()
-    try:
-        load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except Exception as error:  # noqa: BLE001 - any build failure falls back to plain torch
+    built_for = _built_for_torch()
+    if built_for is not None and built_for != torch.__version__:
         logger.warning(
-            "The CPU recurrence kernel did not build (%s: %s); DIEN's CPU training runs the "
-            "plain-torch recurrence. Set %s=0 to skip the attempt.",
-            type(error).__name__,
-            str(error).strip().splitlines()[-1] if str(error).strip() else "",
-            ENV_SWITCH,
+            "attention_ctr_kernels was built for torch %s but torch %s runs: DIEN's CPU "
+            "training runs the plain-torch recurrence. Rebuild it: %s",
+            built_for,
+            torch.__version__,
+            REINSTALL,
+        )
+        return False
+    library = importlib.util.find_spec(f"{__name__}._recurrence_{chosen}").origin
+    try:
+        torch.ops.load_library(library)
+    except OSError as error:
+        logger.warning(
+            "attention_ctr_kernels (%s) did not load (%s); DIEN's CPU training runs the "
+            "plain-torch recurrence. Rebuild it: %s",
+            chosen,
+            str(error).strip().splitlines()[0],
+            REINSTALL,
         )
         return False
     if not _registered:
         _register_fake_and_autograd()
         _registered.append(True)
-    logger.info("CPU recurrence kernel ready in %.1f s", time.perf_counter() - started)
+    _state["variant"] = chosen
+    logger.info("CPU recurrence kernel loaded: %s build", chosen)
     return True
+
+
+def _built_for_torch() -> str | None:
+    """The torch version this package was compiled against (its pinned requirement)."""
+    try:
+        requirements = importlib.metadata.requires("attention-ctr-kernels") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    pins = [r.split("==", 1)[1].strip() for r in requirements if r.startswith("torch==")]
+    return pins[0] if pins else None
 
 
 def matmul_backend() -> str:

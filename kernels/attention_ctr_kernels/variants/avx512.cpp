@@ -1,0 +1,2 @@
+// The avx512 build of ../recurrence.cpp (setup.py gives each variant its own flags).
+#include "../recurrence.cpp"

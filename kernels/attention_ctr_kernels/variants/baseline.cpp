@@ -1,0 +1,2 @@
+// The baseline build of ../recurrence.cpp (setup.py gives each variant its own flags).
+#include "../recurrence.cpp"
