@@ -18,15 +18,18 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from attention_ctr.distributed import DistributedConfig
 from attention_ctr.sequences import SampleTensors
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class TrainingConfig:
     compile: bool = False
     length_window: int = 0
     progress_bar: bool = True
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @classmethod
     def from_params(cls, params: dict) -> TrainingConfig:
@@ -56,7 +60,8 @@ class TrainingConfig:
             raise ValueError(
                 f"Unknown training parameter(s) {sorted(unknown)}; expected some of {sorted(known)}"
             )
-        return cls(**params)
+        distributed = DistributedConfig.from_params(params.get("distributed"))
+        return cls(**{**params, "distributed": distributed})
 
 
 def pick_device(requested: str) -> torch.device:
@@ -184,19 +189,61 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     }
 
 
+class _TrainingStep(nn.Module):
+    """`batch_losses` as a module's forward: DistributedDataParallel syncs gradients of what runs
+    inside its wrapped module's forward, and the step calls `forward_with_auxiliary` and the
+    regularisation, not `forward`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, labels, item_frequency):
+        return batch_losses(self.model, batch, labels, item_frequency)
+
+
+def _all_ranks(values: list[float]) -> list[float]:
+    """`values` summed over the ranks of the process group (itself outside one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    total = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        total = total.cuda()
+    dist.all_reduce(total)
+    return total.cpu().tolist()
+
+
+def _from_rank_zero(value):
+    """Rank 0's `value` on every rank (itself outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def fit(
     model: nn.Module,
     train: SampleTensors,
-    validation: SampleTensors,
+    validation: SampleTensors | None,
     config: TrainingConfig,
     item_frequency: torch.Tensor | None = None,
 ) -> tuple[nn.Module, pd.DataFrame]:
-    """Train with early stopping on validation AUC; return the best model and per-epoch history."""
+    """Train with early stopping on validation AUC; return the best model and per-epoch history.
+
+    Inside a torch.distributed process group (`attention_ctr.distributed`) each rank trains on
+    its own shard `train` with `batch_size / world size` samples a step under
+    DistributedDataParallel, and only rank 0 needs `validation`: it scores it and every rank
+    takes its metrics.
+    """
     device = train.device
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    batch_size = config.batch_size // world_size
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     model.to(device)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + rank)
     # fused: one kernel over all parameters (CPU and CUDA) instead of a loop over tensors
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
@@ -208,22 +255,28 @@ def fit(
             "Parameter training.compile needs a C++ compiler on the CPU (torch.compile builds "
             "its kernels with one): install g++ or set training.compile: false"
         )
-    # torch.compile fuses the elementwise work of forward and backward (Dice, masks, gates)
-    # into a few kernels; it pays a one-off compile per model.
-    losses = torch.compile(batch_losses) if config.compile else batch_losses
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        step = DistributedDataParallel(_TrainingStep(model), device_ids=ids)
+        step = torch.compile(step) if config.compile else step
+        losses = lambda _model, batch, labels, frequency: step(batch, labels, frequency)  # noqa: E731
+    else:
+        # torch.compile fuses the elementwise work of forward and backward (Dice, masks,
+        # gates) into a few kernels; it pays a one-off compile per model.
+        losses = torch.compile(batch_losses) if config.compile else batch_losses
     best_auc, best_state, stale, history = -math.inf, None, 0, []
-    validation_labels = validation.label.cpu().numpy()
+    validation_labels = validation.label.cpu().numpy() if validation is not None else None
 
-    show = None if config.progress_bar else True  # None: tqdm turns itself off off-terminal
+    # None: tqdm turns itself off off-terminal; one rank draws the bars
+    show = None if config.progress_bar and rank == 0 else True
     epochs = tqdm(range(1, config.epochs + 1), desc=model.name, unit="epoch", disable=show)
     for epoch in epochs:
         model.train()
         started = time.perf_counter()
-        totals = {"loss": 0.0, "auxiliary_loss": 0.0}
-        seen = 0
-        steps = math.ceil(len(train) / config.batch_size)
+        loss_sum, auxiliary_sum, seen = 0.0, 0.0, 0
+        steps = math.ceil(len(train) / batch_size)
         bar = tqdm(
-            train.batches(config.batch_size, True, generator, length_window=config.length_window),
+            train.batches(batch_size, True, generator, length_window=config.length_window),
             total=steps,
             desc=f"{model.name} epoch {epoch}",
             disable=show,
@@ -237,19 +290,23 @@ def fit(
             optimizer.step()
             size = len(labels)
             seen += size
-            totals["loss"] += loss.item() * size
+            loss_sum += loss.item() * size
             if auxiliary is not None:
-                totals["auxiliary_loss"] += auxiliary.item() * size
-            bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}", refresh=False)
+                auxiliary_sum += auxiliary.item() * size
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
         train_seconds = time.perf_counter() - started
+        loss_sum, auxiliary_sum, seen = _all_ranks([loss_sum, auxiliary_sum, float(seen)])
 
-        probabilities = predict(model, validation, config.eval_batch_size, autocast)
-        metrics = score(validation_labels, probabilities)
+        metrics = None
+        if rank == 0:
+            probabilities = predict(model, validation, config.eval_batch_size, autocast)
+            metrics = score(validation_labels, probabilities)
+        metrics = _from_rank_zero(metrics)
         history.append(
             {
                 "epoch": epoch,
-                "train_loss": totals["loss"] / max(seen, 1),
-                "train_auxiliary_loss": totals["auxiliary_loss"] / max(seen, 1),
+                "train_loss": loss_sum / max(seen, 1),
+                "train_auxiliary_loss": auxiliary_sum / max(seen, 1),
                 "validation_auc": metrics["auc"],
                 "validation_logloss": metrics["logloss"],
                 "train_seconds": train_seconds,

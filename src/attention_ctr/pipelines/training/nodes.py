@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from attention_ctr.distributed import fit_distributed
 from attention_ctr.models import build_model
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.training import (
@@ -57,17 +58,20 @@ def fit_model(
     model_block: dict,
     training: dict,
 ) -> tuple[nn.Module, pd.DataFrame]:
-    """Train on the training split with early stopping on validation AUC."""
+    """Train on the training split with early stopping on validation AUC; in several processes
+    with `training.distributed` (DistributedDataParallel, the node still runs once)."""
     config = training_config(training, model_block)
     seed_everything(config.seed)
+    frequency = torch.as_tensor(np.concatenate([[1], item_frequency["train_count"].to_numpy()]))
+    if config.distributed.enabled:
+        return fit_distributed(
+            model, train_samples, validation_samples, events, feature_spec, frequency, config
+        )
     device = pick_device(config.device)
     logger.info("Training %s on %s", model.name, device)
     train = SampleTensors(train_samples, events, feature_spec, device)
     validation = SampleTensors(validation_samples, events, feature_spec, device)
-    frequency = torch.as_tensor(
-        np.concatenate([[1], item_frequency["train_count"].to_numpy()]), device=device
-    )
-    return fit(model, train, validation, config, frequency)
+    return fit(model, train, validation, config, frequency.to(device))
 
 
 def choose_cold_start_blend(
