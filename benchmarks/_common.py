@@ -73,7 +73,8 @@ def build_features(
         catalog = run_pipeline(
             project, params=params, env=env, pipelines=["ingestion", "feature_engineering"]
         )
-        return {name: catalog.load(name) for name in outputs}
+        # keyed by dataset, without the transcoding suffix (events@pandas -> events)
+        return {name.partition("@")[0]: catalog.load(name) for name in outputs}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -237,8 +237,11 @@ def prepare(dataset: str, directory: Path, args: argparse.Namespace) -> str:
     catalog = run_pipeline(
         project, params=params, env=env, pipelines=["ingestion", "feature_engineering"]
     )
-    spec, events = catalog.load("feature_spec"), catalog.load("events")
-    samples = {split: catalog.load(f"{split}_samples") for split in (*PEER_SPLITS, "test")}
+    spec, events = catalog.load("feature_spec"), catalog.load("events@pandas")
+    samples = {
+        split: catalog.load(f"{split}_samples" + ("" if split == "test" else "@pandas"))
+        for split in (*PEER_SPLITS, "test")
+    }
     item_frequency = catalog.load("item_frequency")
     parameters = catalog.load("parameters")
     ranking = parameters["evaluation"]["ranking"]
@@ -459,7 +462,7 @@ def run_ours(model: str, directory: Path, spec: dict) -> dict:
         *(
             catalog.load(name)
             for name in (
-                "events",
+                "events@pandas",
                 "item_ids",
                 "category_ids",
                 "behavior_ids",

@@ -93,7 +93,7 @@ def main() -> int:
 
     tables = build_features(
         {"ingestion.synthetic.events": args.events, "feature_engineering.max_history": HISTORY},
-        ("feature_spec", "events", "train_samples", "validation_samples"),
+        ("feature_spec", "events@pandas", "train_samples@pandas", "validation_samples@pandas"),
     )
     spec, events = tables["feature_spec"], tables["events"]
     train_samples, validation_samples = tables["train_samples"], tables["validation_samples"]

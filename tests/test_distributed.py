@@ -71,7 +71,7 @@ def runs(tmp_path_factory):
         )
         result[processes] = {
             "history": catalog.load("din.training_history"),
-            "train_samples": len(catalog.load("train_samples")),
+            "train_samples": len(catalog.load("train_samples@pandas")),
             "versions": sorted((project / "data" / "06_models" / "din" / "model.pt").iterdir()),
         }
     return result

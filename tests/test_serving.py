@@ -37,10 +37,10 @@ from attention_ctr.serving import (
 def served(exported_run):
     project, catalog = exported_run
     data = {
-        name: catalog.load(name)
+        name.partition("@")[0]: catalog.load(name)
         for name in (
             "test_samples",
-            "events",
+            "events@pandas",
             "feature_spec",
             "item_ids",
             "category_ids",

@@ -4,8 +4,8 @@
 than one process. It launches the workers with torch.distributed's elastic launcher (what
 `torchrun` runs), on this machine or, with `nodes` > 1, on several joined by a rendezvous:
 
-- the node writes the split's samples and events to a scratch folder once; each worker reads
-  them and keeps its shard of the training samples (every `world_size`-th row of a seeded
+- each worker reads the split's samples and events from the catalog's parquet files and keeps
+  its shard of the training samples (every `world_size`-th row of a seeded
   permutation, wrapped so all shards hold the same number and every rank takes the same number
   of steps);
 - each step every rank trains on `batch_size / world_size` samples of its shard and DDP
@@ -87,15 +87,17 @@ def shard_rows(count: int, rank: int, world_size: int, seed: int) -> np.ndarray:
 
 def fit_distributed(
     model: nn.Module,
-    train_samples: pd.DataFrame,
-    validation_samples: pd.DataFrame,
-    events: pd.DataFrame,
+    train_samples,
+    validation_samples,
+    events,
     feature_spec: dict,
     item_frequency: torch.Tensor,
     config,
 ) -> tuple[nn.Module, pd.DataFrame]:
     """Train `model` like `training.fit`, in `config.distributed` processes; the best model
-    (on the CPU, in eval mode) and rank 0's per-epoch history."""
+    (on the CPU, in eval mode) and rank 0's per-epoch history. The splits and events are
+    parquet tables (`attention_ctr.datasets.ParquetTable`): each worker reads them from their
+    files."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     settings = config.distributed
@@ -105,11 +107,13 @@ def fit_distributed(
             f"Parameter training.batch_size ({config.batch_size}) must be a multiple of the "
             f"{world_size} training processes (training.distributed)"
         )
+    paths = {
+        "train_samples": str(train_samples.path),
+        "validation_samples": str(validation_samples.path),
+        "events": str(events.path),
+    }
     with tempfile.TemporaryDirectory(prefix="attention_ctr_ddp_") as scratch:
         folder = Path(scratch)
-        train_samples.to_parquet(folder / "train_samples.parquet")
-        validation_samples.to_parquet(folder / "validation_samples.parquet")
-        events.to_parquet(folder / "events.parquet")
         torch.save({"model": model, "item_frequency": item_frequency}, folder / "model.pt")
         launch = LaunchConfig(
             min_nodes=settings.nodes,
@@ -129,7 +133,7 @@ def fit_distributed(
             settings.processes,
             settings.nodes,
         )
-        results = elastic_launch(launch, _worker)(str(folder), feature_spec, config)
+        results = elastic_launch(launch, _worker)(str(folder), paths, feature_spec, config)
     if 0 not in results or results[0] is None:
         # Another machine holds rank 0: its run's outputs are the job's; this one's mirror them.
         results = {0: next(r for r in results.values() if r is not None)}
@@ -148,7 +152,9 @@ def _device(config, local_rank: int) -> torch.device:
     return device
 
 
-def _worker(folder: str, feature_spec: dict, config) -> tuple[dict, pd.DataFrame] | None:
+def _worker(
+    folder: str, paths: dict[str, str], feature_spec: dict, config
+) -> tuple[dict, pd.DataFrame] | None:
     """One rank: join the group, train on this rank's shard, hand back rank 0's result (every
     rank holds the same parameters; the lowest local rank returns them on other machines)."""
     from attention_ctr.sequences import SampleTensors
@@ -167,14 +173,14 @@ def _worker(folder: str, feature_spec: dict, config) -> tuple[dict, pd.DataFrame
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         seed_everything(config.seed + rank)  # dropout: a different stream per rank
         saved = torch.load(Path(folder) / "model.pt", weights_only=False)
-        events = pd.read_parquet(Path(folder) / "events.parquet")
-        train = pd.read_parquet(Path(folder) / "train_samples.parquet")
+        events = pd.read_parquet(paths["events"])
+        train = pd.read_parquet(paths["train_samples"])
         rows = shard_rows(len(train), rank, world_size, config.seed)
         shard = train.iloc[rows].reset_index(drop=True)
         train_tensors = SampleTensors(shard, events, feature_spec, device)
         validation = None
         if rank == 0:
-            validation_samples = pd.read_parquet(Path(folder) / "validation_samples.parquet")
+            validation_samples = pd.read_parquet(paths["validation_samples"])
             validation = SampleTensors(validation_samples, events, feature_spec, device)
         model, history = fit(
             saved["model"],

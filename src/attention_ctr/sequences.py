@@ -9,11 +9,14 @@ its history on disk or in memory, and a whole split can live on the GPU as a few
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
+
+logger = logging.getLogger(__name__)
 
 # The columns of a sample table (train/validation/test_samples): pointers into `events`.
 SAMPLE_COLUMNS = ["user", "item", "category", "label", "timestamp", "hist_end", "hist_len"]
@@ -158,3 +161,79 @@ class SampleTensors:
         """(batch, labels) pairs over `batch_indices(...)` (same arguments)."""
         for index in self.batch_indices(batch_size, shuffle, generator, length_window):
             yield self.batch(index), self.label[index]
+
+    def chunks(
+        self, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[SampleTensors]:
+        """The split as one chunk (the interface of `SampleStream`)."""
+        yield self
+
+
+# Bytes a sample and a behaviour take once tensorised: 6 int64 columns + a float32 label, and
+# up to 6 int64 columns of events.parquet.
+SAMPLE_BYTES, EVENT_BYTES = 6 * 8 + 4, 6 * 8
+
+
+class SampleStream:
+    """A split too large to tensorise at once, read from parquet in chunks of `chunk_rows`
+    consecutive samples. A split's samples come in user order, so a chunk points into one
+    contiguous range of events: only those rows are read, and the chunk is a `SampleTensors`
+    of its own (`hist_end` shifted to the range). Same batches, chunk by chunk.
+
+    `samples` and `events` are tables with `num_rows`, `read(columns)` and
+    `read_rows(start, stop)` (`attention_ctr.datasets.ParquetTable`).
+    """
+
+    def __init__(self, samples, events, spec: dict, device: torch.device | str, chunk_rows: int):
+        self.samples, self.events, self.spec = samples, events, spec
+        self.device = torch.device(device)
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.starts = list(range(0, samples.num_rows, self.chunk_rows))
+
+    def __len__(self) -> int:
+        return self.samples.num_rows
+
+    @property
+    def label(self) -> torch.Tensor:
+        labels = self.samples.read(["label"])["label"].to_numpy(dtype=np.float32)
+        return torch.as_tensor(labels)
+
+    def chunk(self, start: int) -> SampleTensors:
+        rows = self.samples.read_rows(start, start + self.chunk_rows)
+        first = int((rows["hist_end"] - rows["hist_len"]).min())
+        events = self.events.read_rows(first, int(rows["hist_end"].max()))
+        rows = rows.assign(hist_end=rows["hist_end"] - first)
+        return SampleTensors(rows, events, self.spec, self.device)
+
+    def chunks(
+        self, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[SampleTensors]:
+        """The chunks in order, or (`shuffle`) in a random order; each reads its rows anew."""
+        order = torch.randperm(len(self.starts), generator=generator).tolist() if shuffle else None
+        for position in order if shuffle else range(len(self.starts)):
+            yield self.chunk(self.starts[position])
+
+
+def split_tensors(
+    samples, events, spec: dict, device: torch.device | str, memory_budget_mb: float
+) -> SampleTensors | SampleStream:
+    """A split in memory when its samples and events fit `memory_budget_mb` once tensorised,
+    else a `SampleStream` whose chunks take about half of it. `samples` and `events` are
+    tables as `SampleStream` takes them."""
+    budget = float(memory_budget_mb) * 2**20
+    need = SAMPLE_BYTES * samples.num_rows + EVENT_BYTES * events.num_rows
+    if need <= budget:
+        return SampleTensors(samples.read(), events.read(), spec, device)
+    events_per_sample = events.num_rows / max(samples.num_rows, 1)
+    chunk_rows = int(budget / 2 / (SAMPLE_BYTES + EVENT_BYTES * events_per_sample))
+    stream = SampleStream(samples, events, spec, device, chunk_rows)
+    logger.info(
+        "%s: %.0f MB tensorised is over the %.0f MB budget (training.memory_budget_mb): "
+        "streamed in %d chunks of %d samples",
+        getattr(samples, "path", "samples"),
+        need / 2**20,
+        budget / 2**20,
+        len(stream.starts),
+        stream.chunk_rows,
+    )
+    return stream

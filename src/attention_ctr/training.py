@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from attention_ctr.distributed import DistributedConfig
-from attention_ctr.sequences import SampleTensors
+from attention_ctr.sequences import SampleStream, SampleTensors
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class TrainingConfig:
     compile: bool = False
     length_window: int = 0
     progress_bar: bool = True
+    memory_budget_mb: float = 8192
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @classmethod
@@ -171,13 +172,16 @@ def predict(
     mode a prediction does not depend on its batch, and short batches are cheap.
     """
     model.eval()
-    scores = torch.empty(len(tensors), dtype=torch.float32)
-    whole_split = max(1, math.ceil(len(tensors) / batch_size))
-    for index in tensors.batch_indices(batch_size, length_window=whole_split):
-        with autocast():
-            logits = model(tensors.batch(index))
-        scores[index.cpu()] = torch.sigmoid(logits.float()).cpu()
-    return scores.numpy()
+    parts = []
+    for chunk in tensors.chunks():
+        scores = torch.empty(len(chunk), dtype=torch.float32)
+        whole_chunk = max(1, math.ceil(len(chunk) / batch_size))
+        for index in chunk.batch_indices(batch_size, length_window=whole_chunk):
+            with autocast():
+                logits = model(chunk.batch(index))
+            scores[index.cpu()] = torch.sigmoid(logits.float()).cpu()
+        parts.append(scores)
+    return torch.cat(parts).numpy() if parts else np.empty(0, dtype=np.float32)
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
@@ -222,14 +226,23 @@ def _from_rank_zero(value):
     return holder[0]
 
 
+def _epoch_batches(train, batch_size: int, generator: torch.Generator, length_window: int):
+    """One epoch's shuffled (batch, labels): chunk by chunk for a `SampleStream`."""
+    for chunk in train.chunks(True, generator):
+        yield from chunk.batches(batch_size, True, generator, length_window=length_window)
+
+
 def fit(
     model: nn.Module,
-    train: SampleTensors,
-    validation: SampleTensors | None,
+    train: SampleTensors | SampleStream,
+    validation: SampleTensors | SampleStream | None,
     config: TrainingConfig,
     item_frequency: torch.Tensor | None = None,
 ) -> tuple[nn.Module, pd.DataFrame]:
     """Train with early stopping on validation AUC; return the best model and per-epoch history.
+
+    `train` and `validation` may be `SampleStream`s (read chunk by chunk from parquet): an
+    epoch then visits the chunks in a random order and shuffles within each.
 
     Inside a torch.distributed process group (`attention_ctr.distributed`) each rank trains on
     its own shard `train` with `batch_size / world size` samples a step under
@@ -276,7 +289,7 @@ def fit(
         loss_sum, auxiliary_sum, seen = 0.0, 0.0, 0
         steps = math.ceil(len(train) / batch_size)
         bar = tqdm(
-            train.batches(batch_size, True, generator, length_window=config.length_window),
+            _epoch_batches(train, batch_size, generator, config.length_window),
             total=steps,
             desc=f"{model.name} epoch {epoch}",
             disable=show,

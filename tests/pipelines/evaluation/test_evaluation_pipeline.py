@@ -82,7 +82,7 @@ def test_gauc_matches_a_hand_computation_and_skips_one_class_users():
 def test_stored_metrics_agree_with_sklearn_on_the_same_predictions(evaluated):
     _, catalog = evaluated
     test = catalog.load("test_samples")
-    tensors = SampleTensors(test, catalog.load("events"), catalog.load("feature_spec"))
+    tensors = SampleTensors(test, catalog.load("events@pandas"), catalog.load("feature_spec"))
     labels = test["label"].to_numpy()
     frequency = catalog.load("item_frequency")
     cold, weights = catalog.load("cold_start_items"), catalog.load("cold_start_weights")
@@ -124,7 +124,7 @@ def test_model_differs_from_trained_model_only_in_its_item_table(evaluated):
 def test_ranking_is_what_eager_torch_ranks_and_identical_across_runs(evaluated):
     project, catalog = evaluated
     params = catalog.load("params:evaluation.ranking")
-    test, events = catalog.load("test_samples"), catalog.load("events")
+    test, events = catalog.load("test_samples"), catalog.load("events@pandas")
     frequency = catalog.load("item_frequency")
     candidates = draw_ranking_candidates(test, events, frequency, params)
     seen = set(zip(events["user"], events["item"]))
@@ -194,7 +194,7 @@ def test_attention_report_shows_pooling_as_uniform(evaluated):
 
 def test_explanations_name_behaviours_from_that_users_history(evaluated):
     _, catalog = evaluated
-    events = catalog.load("events")
+    events = catalog.load("events@pandas")
     item_raw = catalog.load("item_ids").set_index("item")["raw_id"]
     user_code = catalog.load("user_ids").set_index("raw_id")["user"]
     test = catalog.load("test_samples")

@@ -27,8 +27,10 @@ def features(tmp_path_factory) -> dict:
     )
     names = [
         "interactions",
-        "events",
-        *SPLITS,
+        "events@pandas",
+        "train_samples@pandas",
+        "validation_samples@pandas",
+        "test_samples",
         "user_ids",
         "item_ids",
         "category_ids",
@@ -38,7 +40,7 @@ def features(tmp_path_factory) -> dict:
         "feature_spec",
         "feature_report",
     ]
-    loaded = {name: catalog.load(name) for name in names}
+    loaded = {name.partition("@")[0]: catalog.load(name) for name in names}
     loaded["project"] = project
     return loaded
 

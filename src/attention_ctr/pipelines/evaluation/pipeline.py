@@ -26,7 +26,7 @@ from attention_ctr.pipelines.evaluation.nodes import (
 PARAMS = "params:evaluation"
 SHARED_INPUTS = {
     "test_samples",
-    "events",
+    "events@pandas",
     "feature_spec",
     "cold_start_items",
     "cold_start_weights",
@@ -56,7 +56,7 @@ def create_model_pipeline() -> Pipeline:
                     "model",
                     "trained_model",
                     "test_samples",
-                    "events",
+                    "events@pandas",
                     "feature_spec",
                     "item_frequency",
                     "cold_start_items",
@@ -74,7 +74,7 @@ def create_model_pipeline() -> Pipeline:
             ),
             Node(
                 time_inference,
-                ["model", "test_samples", "events", "feature_spec", f"{PARAMS}.latency"],
+                ["model", "test_samples", "events@pandas", "feature_spec", f"{PARAMS}.latency"],
                 "inference_latency",
                 name="time_torch_and_onnxruntime",
             ),
@@ -82,7 +82,7 @@ def create_model_pipeline() -> Pipeline:
             # `--namespaces din` runs a whole branch.
             Node(
                 draw_ranking_candidates,
-                ["test_samples", "events", "item_frequency", f"{PARAMS}.ranking"],
+                ["test_samples", "events@pandas", "item_frequency", f"{PARAMS}.ranking"],
                 "ranking_candidates",
                 name="draw_ranking_candidates",
             ),
@@ -92,7 +92,7 @@ def create_model_pipeline() -> Pipeline:
                     "model",
                     "trained_model",
                     "ranking_candidates",
-                    "events",
+                    "events@pandas",
                     "item_ids",
                     "category_ids",
                     "behavior_ids",
@@ -120,7 +120,7 @@ def create_model_pipeline() -> Pipeline:
             ),
             Node(
                 profile_attention,
-                ["model", "test_samples", "events", "feature_spec", "user_ids", PARAMS],
+                ["model", "test_samples", "events@pandas", "feature_spec", "user_ids", PARAMS],
                 "attention_profile",
                 name="profile_attention",
             ),
@@ -137,7 +137,7 @@ def create_model_pipeline() -> Pipeline:
                 [
                     "model",
                     "explanation_candidates",
-                    "events",
+                    "events@pandas",
                     "feature_spec",
                     "item_ids",
                     "category_ids",

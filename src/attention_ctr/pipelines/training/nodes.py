@@ -9,9 +9,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from attention_ctr.datasets import ParquetTable
 from attention_ctr.distributed import fit_distributed
 from attention_ctr.models import build_model
-from attention_ctr.sequences import SampleTensors
+from attention_ctr.sequences import SampleTensors, split_tensors
 from attention_ctr.training import (
     TrainingConfig,
     blend_toward_category,
@@ -50,16 +51,18 @@ def initialise_model(feature_spec: dict, model_block: dict, training: dict) -> n
 
 def fit_model(
     model: nn.Module,
-    train_samples: pd.DataFrame,
-    validation_samples: pd.DataFrame,
-    events: pd.DataFrame,
+    train_samples: ParquetTable,
+    validation_samples: ParquetTable,
+    events: ParquetTable,
     feature_spec: dict,
     item_frequency: pd.DataFrame,
     model_block: dict,
     training: dict,
 ) -> tuple[nn.Module, pd.DataFrame]:
-    """Train on the training split with early stopping on validation AUC; in several processes
-    with `training.distributed` (DistributedDataParallel, the node still runs once)."""
+    """Train on the training split with early stopping on validation AUC. The splits are read
+    whole when they fit `training.memory_budget_mb`, else streamed in chunks; with
+    `training.distributed`, in several processes (DistributedDataParallel; the node still runs
+    once)."""
     config = training_config(training, model_block)
     seed_everything(config.seed)
     frequency = torch.as_tensor(np.concatenate([[1], item_frequency["train_count"].to_numpy()]))
@@ -69,8 +72,9 @@ def fit_model(
         )
     device = pick_device(config.device)
     logger.info("Training %s on %s", model.name, device)
-    train = SampleTensors(train_samples, events, feature_spec, device)
-    validation = SampleTensors(validation_samples, events, feature_spec, device)
+    budget = config.memory_budget_mb / 2  # the two splits side by side
+    train = split_tensors(train_samples, events, feature_spec, device, budget)
+    validation = split_tensors(validation_samples, events, feature_spec, device, budget)
     return fit(model, train, validation, config, frequency.to(device))
 
 

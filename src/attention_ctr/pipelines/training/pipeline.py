@@ -9,9 +9,11 @@ from attention_ctr.pipelines.training.nodes import (
 )
 
 SHARED_INPUTS = {
-    "train_samples",
-    "validation_samples",
-    "events",
+    "train_samples@parquet",
+    "validation_samples@parquet",
+    "validation_samples@pandas",
+    "events@parquet",
+    "events@pandas",
     "feature_spec",
     "item_frequency",
     "cold_start_items",
@@ -33,9 +35,9 @@ def create_model_pipeline() -> Pipeline:
                 fit_model,
                 [
                     "initial_model",
-                    "train_samples",
-                    "validation_samples",
-                    "events",
+                    "train_samples@parquet",  # read whole, or in chunks over the memory budget
+                    "validation_samples@parquet",
+                    "events@parquet",
                     "feature_spec",
                     "item_frequency",
                     "params:model_block",
@@ -48,8 +50,8 @@ def create_model_pipeline() -> Pipeline:
                 choose_cold_start_blend,
                 [
                     "trained_model",
-                    "validation_samples",
-                    "events",
+                    "validation_samples@pandas",
+                    "events@pandas",
                     "feature_spec",
                     "item_frequency",
                     "cold_start_items",

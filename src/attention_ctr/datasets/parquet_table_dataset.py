@@ -1,0 +1,72 @@
+"""A parquet table opened, not read: what training streams when a split outgrows memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from kedro.io import AbstractDataset
+from kedro.io.core import DatasetError
+
+
+class ParquetTable:
+    """A parquet file's row count and size, and reads of its columns or of a range of rows
+    (only the row groups that hold them are decoded)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        metadata = pq.ParquetFile(self.path).metadata
+        self.num_rows = metadata.num_rows
+        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        self._group_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def read(self, columns: list[str] | None = None) -> pd.DataFrame:
+        return pq.read_table(self.path, columns=columns).to_pandas()
+
+    def read_rows(self, start: int, stop: int, columns: list[str] | None = None) -> pd.DataFrame:
+        """Rows [start, stop) (clipped to the table), as a DataFrame with a fresh index."""
+        start, stop = max(0, start), min(stop, self.num_rows)
+        if stop <= start:
+            return self.read(columns).iloc[0:0]
+        first = int(np.searchsorted(self._group_starts, start, side="right")) - 1
+        last = int(np.searchsorted(self._group_starts, stop, side="left"))
+        table = pq.ParquetFile(self.path).read_row_groups(range(first, last), columns=columns)
+        offset = start - int(self._group_starts[first])
+        return table.slice(offset, stop - start).to_pandas()
+
+
+class ParquetTableDataset(AbstractDataset[None, ParquetTable]):
+    """Loads a `ParquetTable` handle on a file another catalog entry writes: the transcoded
+    `name@parquet` beside a `name@pandas` (`pandas.ParquetDataset`) on the same path.
+
+    Example catalog entry::
+
+        train_samples@parquet:
+          type: attention_ctr.datasets.ParquetTableDataset
+          filepath: data/05_model_input/train_samples.parquet
+    """
+
+    def __init__(self, filepath: str, metadata: dict | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> ParquetTable:
+        if not self._filepath.is_file():
+            raise DatasetError(f"{self._filepath} does not exist: run feature_engineering first")
+        return ParquetTable(self._filepath)
+
+    def save(self, data: None) -> None:
+        raise DatasetError(
+            f"{self._filepath} is read-only here: its pandas entry (name@pandas) writes it"
+        )
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict:
+        return {"filepath": str(self._filepath)}
