@@ -6,7 +6,8 @@ import pytest
 from conftest import PROJECT_ROOT, SMALL_SYNTHETIC
 from sandbox import make_project_copy, run_pipeline
 
-from attention_ctr.distributed import DistributedConfig, shard_rows
+from attention_ctr.distributed import DistributedConfig, fit_distributed, shard_rows
+from attention_ctr.errors import InputError
 from attention_ctr.training import TrainingConfig
 
 # The same global batch in both runs; what differs is which rank draws which samples, Dice's
@@ -39,8 +40,26 @@ def test_shards_cover_every_row_and_are_equal():
     ],
 )
 def test_bad_distributed_parameters_are_named(params, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         TrainingConfig.from_params({"distributed": params})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"device": "cpu", "distributed": {"backend": "nccl", "processes": 2}}, "needs GPUs"),
+        ({"batch_size": 255, "distributed": {"processes": 2}}, "multiple of the 2 training"),
+    ],
+)
+def test_settings_that_cannot_run_fail_before_any_process_starts(params, message):
+    config = TrainingConfig.from_params(params)
+    with pytest.raises(InputError, match=message):
+        fit_distributed(None, None, None, None, {}, None, config)
+
+
+def test_a_memory_budget_must_be_positive():
+    with pytest.raises(InputError, match="training.memory_budget_mb is 0"):
+        TrainingConfig.from_params({"memory_budget_mb": 0})
 
 
 def test_one_process_is_plain_training():
@@ -56,7 +75,7 @@ def runs(tmp_path_factory):
         "ingestion.synthetic.events": 20000,
         "feature_engineering.max_history": 20,
         "training.epochs": 3,
-        "training.patience": 3,
+        "training.patience": 1,  # so the shared early-stopping decision runs too
         "training.progress_bar": False,
     }
     project = make_project_copy(tmp_path_factory.mktemp("ddp") / "project", source=PROJECT_ROOT)
@@ -79,9 +98,11 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_learn_what_one_does(runs):
+    # (the run itself fails unless every rank ends with the same parameters)
     one, two = runs[1]["history"], runs[2]["history"]
-    assert two["epoch"].tolist() == one["epoch"].tolist() == [1, 2, 3]
-    gaps = (one["validation_auc"] - two["validation_auc"]).abs()
+    common = min(len(one), len(two))
+    assert common >= 1
+    gaps = (one["validation_auc"] - two["validation_auc"]).abs()[:common]
     assert gaps.max() <= AUC_TOLERANCE, (one["validation_auc"].tolist(), two["validation_auc"])
     assert two["validation_auc"].iloc[-1] > 0.6  # it learned, not only agreed
 

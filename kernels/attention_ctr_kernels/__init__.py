@@ -50,12 +50,29 @@ def variant() -> str | None:
     if setting in {"0", "false", "no", "off"}:
         return None
     built = built_variants()
+    capability = torch.backends.cpu.get_cpu_capability()
+    runnable = ["baseline", *[VARIANT_FOR_CAPABILITY[c] for c in _LEVELS[: _level(capability)]]]
     if setting in {"baseline", "avx2", "avx512"}:
         if setting not in built:
             raise ValueError(f"{ENV_SWITCH}={setting}: not built here (built: {built})")
+        if setting not in runnable:  # it would die of an illegal instruction
+            raise ValueError(f"{ENV_SWITCH}={setting}: this CPU ({capability}) cannot run it")
         return setting
-    wanted = VARIANT_FOR_CAPABILITY.get(torch.backends.cpu.get_cpu_capability())
+    if setting not in {"1", "true", "yes", "on", ""}:
+        raise ValueError(
+            f"{ENV_SWITCH}={setting!r}: expected 0 (off), 1 (the build for this CPU), or one of "
+            f"{built}"
+        )
+    wanted = VARIANT_FOR_CAPABILITY.get(capability)
     return wanted if wanted in built else "baseline"
+
+
+_LEVELS = ["AVX2", "AVX512"]
+
+
+def _level(capability: str) -> int:
+    """How many of torch's x86 levels (AVX2, AVX512) `capability` includes."""
+    return _LEVELS.index(capability) + 1 if capability in _LEVELS else 0
 
 
 def available() -> bool:

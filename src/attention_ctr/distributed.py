@@ -5,20 +5,22 @@ than one process. It launches the workers with torch.distributed's elastic launc
 `torchrun` runs), on this machine or, with `nodes` > 1, on several joined by a rendezvous:
 
 - each worker reads the split's samples and events from the catalog's parquet files and keeps
-  its shard of the training samples (every `world_size`-th row of a seeded
-  permutation, wrapped so all shards hold the same number and every rank takes the same number
-  of steps);
+  its shard of the training samples (every `world_size`-th row of a seeded permutation, wrapped
+  so all shards hold the same number and every rank takes the same number of steps); every
+  process holds all events (`training.memory_budget_mb` does not apply here);
 - each step every rank trains on `batch_size / world_size` samples of its shard and DDP
   averages the gradients: one step of the global batch `training.batch_size`;
 - rank 0 scores the validation split and broadcasts the AUC, so every rank takes the same
-  early-stopping decision; rank 0 returns the best state, and the node returns the model once,
-  which Kedro writes through the catalog as usual.
+  early-stopping decision; rank 0's best state (broadcast to every machine) is what the node
+  returns, once, and Kedro writes it through the catalog as usual. Every rank's parameters must
+  agree at the end (a fingerprint each), else the node fails.
 
 Gloo on the CPU, NCCL on GPUs (one per process). Plain torch.distributed, no Kedro here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -31,6 +33,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from attention_ctr.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class DistributedConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(params) - known
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"Unknown parameter(s) training.distributed.{sorted(unknown)}; expected some of "
                 f"{sorted(known)}"
             )
@@ -60,11 +64,11 @@ class DistributedConfig:
         for name in ("processes", "nodes"):
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Parameter training.distributed.{name} must be an integer >= 1")
+                raise InputError(f"Parameter training.distributed.{name} must be an integer >= 1")
         if config.backend not in {"auto", "gloo", "nccl"}:
-            raise ValueError("Parameter training.distributed.backend must be auto, gloo or nccl")
+            raise InputError("Parameter training.distributed.backend must be auto, gloo or nccl")
         if config.nodes > 1 and (not config.run_id or config.rendezvous_endpoint.endswith(":0")):
-            raise ValueError(
+            raise InputError(
                 "Parameters training.distributed.run_id and rendezvous_endpoint (host:port, the "
                 "same on every machine) are needed when training.distributed.nodes > 1"
             )
@@ -100,12 +104,25 @@ def fit_distributed(
     files."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from attention_ctr.training import pick_device
+
     settings = config.distributed
     world_size = settings.processes * settings.nodes
     if config.batch_size % world_size:
-        raise ValueError(
+        raise InputError(
             f"Parameter training.batch_size ({config.batch_size}) must be a multiple of the "
             f"{world_size} training processes (training.distributed)"
+        )
+    device = pick_device(config.device)
+    if device.type == "cuda" and settings.processes > torch.cuda.device_count():
+        raise InputError(
+            f"Parameter training.distributed.processes is {settings.processes}, but this machine "
+            f"has {torch.cuda.device_count()} GPU(s): one process per GPU"
+        )
+    if device.type == "cpu" and settings.backend == "nccl":
+        raise InputError(
+            "Parameter training.distributed.backend is nccl, which needs GPUs, but training runs "
+            "on the CPU: use gloo (or auto)"
         )
     paths = {
         "train_samples": str(train_samples.path),
@@ -134,10 +151,11 @@ def fit_distributed(
             settings.nodes,
         )
         results = elastic_launch(launch, _worker)(str(folder), paths, feature_spec, config)
-    if 0 not in results or results[0] is None:
-        # Another machine holds rank 0: its run's outputs are the job's; this one's mirror them.
-        results = {0: next(r for r in results.values() if r is not None)}
-    state, history = results[0]
+    fingerprints = {rank: result[0] for rank, result in results.items()}
+    if len(set(fingerprints.values())) > 1:  # DDP keeps parameters in step: it did not here
+        raise RuntimeError(f"Training processes ended with different parameters: {fingerprints}")
+    # rank 0's state (its buffers too); on another machine, the one broadcast from rank 0
+    _, state, history = next(result for result in results.values() if result[1] is not None)
     model.load_state_dict(state)
     return model.cpu().eval(), history
 
@@ -152,11 +170,20 @@ def _device(config, local_rank: int) -> torch.device:
     return device
 
 
+def _fingerprint(model: nn.Module) -> str:
+    """A digest of the parameters' values: equal across ranks that DDP kept in step."""
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _worker(
     folder: str, paths: dict[str, str], feature_spec: dict, config
-) -> tuple[dict, pd.DataFrame] | None:
-    """One rank: join the group, train on this rank's shard, hand back rank 0's result (every
-    rank holds the same parameters; the lowest local rank returns them on other machines)."""
+) -> tuple[str, dict | None, pd.DataFrame | None]:
+    """One rank: join the group, train on this rank's shard; return its parameters'
+    fingerprint, and on each machine's local rank 0 rank 0's state and history (broadcast, so
+    every machine's catalog gets rank 0's model, buffers included)."""
     from attention_ctr.sequences import SampleTensors
     from attention_ctr.training import fit, seed_everything
 
@@ -169,8 +196,11 @@ def _worker(
     dist.init_process_group(backend)
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        if device.type == "cpu":  # the machine's cores shared out, not oversubscribed
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if device.type == "cpu":  # the cores this process may use, shared out
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            torch.set_num_threads(max(1, (cores or os.cpu_count() or 1) // local_world))
+        if rank == 0:  # spawned: Kedro's logging config is not here; rank 0 reports the epochs
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s rank 0: %(message)s")
         seed_everything(config.seed + rank)  # dropout: a different stream per rank
         saved = torch.load(Path(folder) / "model.pt", weights_only=False)
         events = pd.read_parquet(paths["events"])
@@ -189,6 +219,10 @@ def _worker(
             config,
             saved["item_frequency"].to(device),
         )
-        return (model.state_dict(), history) if rank == 0 or local_rank == 0 else None
+        fingerprint = _fingerprint(model)
+        holder = [(model.state_dict(), history) if rank == 0 else None]
+        dist.broadcast_object_list(holder, src=0)
+        state, history = holder[0] if local_rank == 0 else (None, None)
+        return fingerprint, state, history
     finally:
         dist.destroy_process_group()

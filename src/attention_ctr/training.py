@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from attention_ctr.distributed import DistributedConfig
+from attention_ctr.errors import InputError
 from attention_ctr.sequences import SampleStream, SampleTensors
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,13 @@ class TrainingConfig:
                 f"Unknown training parameter(s) {sorted(unknown)}; expected some of {sorted(known)}"
             )
         distributed = DistributedConfig.from_params(params.get("distributed"))
-        return cls(**{**params, "distributed": distributed})
+        config = cls(**{**params, "distributed": distributed})
+        if not config.memory_budget_mb > 0:
+            raise InputError(
+                f"Parameter training.memory_budget_mb is {config.memory_budget_mb}; expected "
+                "megabytes > 0"
+            )
+        return config
 
 
 def pick_device(requested: str) -> torch.device:
@@ -409,7 +416,7 @@ def blend_toward_category(
 
 def choose_blend(
     model: nn.Module,
-    validation: SampleTensors,
+    validation: SampleTensors | SampleStream,
     item_frequency: pd.DataFrame,
     cold_items: pd.DataFrame,
     weights: pd.DataFrame,

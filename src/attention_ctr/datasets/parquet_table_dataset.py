@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from kedro.io import AbstractDataset
 from kedro.io.core import DatasetError
@@ -32,7 +33,10 @@ class ParquetTable:
         """Rows [start, stop) (clipped to the table), as a DataFrame with a fresh index."""
         start, stop = max(0, start), min(stop, self.num_rows)
         if stop <= start:
-            return self.read(columns).iloc[0:0]
+            schema = pq.ParquetFile(self.path).schema_arrow
+            if columns is not None:
+                schema = pa.schema([schema.field(name) for name in columns])
+            return schema.empty_table().to_pandas()
         first = int(np.searchsorted(self._group_starts, start, side="right")) - 1
         last = int(np.searchsorted(self._group_starts, stop, side="left"))
         table = pq.ParquetFile(self.path).read_row_groups(range(first, last), columns=columns)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attention_ctr.errors import InputError
+
 try:
     import attention_ctr_kernels as kernels
 except ImportError:  # not installed: the plain-torch references run everywhere
@@ -28,8 +30,15 @@ def _kernel_training(x: Tensor) -> bool:
         and not torch.onnx.is_in_onnx_export()
         and not torch.compiler.is_compiling()
         and kernels is not None
-        and kernels.available()
+        and _kernel_loaded()
     )
+
+
+def _kernel_loaded() -> bool:
+    try:
+        return kernels.available()
+    except ValueError as error:  # a bad ATTENTION_CTR_CPU_KERNELS setting
+        raise InputError(str(error)) from error
 
 
 def gru_states(gru: nn.GRU, x: Tensor, mask: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from attention_ctr.datasets import ParquetTable
 from attention_ctr.distributed import fit_distributed
 from attention_ctr.models import build_model
-from attention_ctr.sequences import SampleTensors, split_tensors
+from attention_ctr.sequences import split_tensors
 from attention_ctr.training import (
     TrainingConfig,
     blend_toward_category,
@@ -80,8 +80,8 @@ def fit_model(
 
 def choose_cold_start_blend(
     trained_model: nn.Module,
-    validation_samples: pd.DataFrame,
-    events: pd.DataFrame,
+    validation_samples: ParquetTable,
+    events: ParquetTable,
     feature_spec: dict,
     item_frequency: pd.DataFrame,
     cold_start_items: pd.DataFrame,
@@ -93,7 +93,9 @@ def choose_cold_start_blend(
     """Choose the blend of rare items toward their category's average by validation AUC."""
     config = training_config(training, model_block)
     device = pick_device(config.device)
-    validation = SampleTensors(validation_samples, events, feature_spec, device)
+    validation = split_tensors(
+        validation_samples, events, feature_spec, device, config.memory_budget_mb / 2
+    )
     choice = choose_blend(
         trained_model,
         validation,

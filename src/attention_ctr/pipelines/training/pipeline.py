@@ -11,9 +11,7 @@ from attention_ctr.pipelines.training.nodes import (
 SHARED_INPUTS = {
     "train_samples@parquet",
     "validation_samples@parquet",
-    "validation_samples@pandas",
     "events@parquet",
-    "events@pandas",
     "feature_spec",
     "item_frequency",
     "cold_start_items",
@@ -50,8 +48,8 @@ def create_model_pipeline() -> Pipeline:
                 choose_cold_start_blend,
                 [
                     "trained_model",
-                    "validation_samples@pandas",
-                    "events@pandas",
+                    "validation_samples@parquet",
+                    "events@parquet",
                     "feature_spec",
                     "item_frequency",
                     "cold_start_items",
