@@ -39,12 +39,14 @@ def fixed_size(name: str) -> dict:
 
 
 def quiet_kedro_logging() -> None:
-    """Point Kedro at a logging config that only shows warnings (unless one is already set)."""
+    """Point Kedro at a logging config that only shows warnings (unless one is already set).
+    INFO records are still made (root level INFO), for handlers such as feature_engineering.py's
+    node timer; the console shows WARNING and above."""
     path = Path(tempfile.gettempdir()) / "attention_ctr_bench_logging.yml"
     path.write_text(
         "version: 1\ndisable_existing_loggers: false\n"
         "handlers: {console: {class: logging.StreamHandler, level: WARNING}}\n"
-        "root: {handlers: [console]}\n"
+        "root: {level: INFO, handlers: [console]}\n"
     )
     os.environ.setdefault("KEDRO_LOGGING_CONFIG", str(path))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import resource
 import shutil
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import PROJECT_ROOT, RESULTS, recorded
+from _common import PROJECT_ROOT, RESULTS, quiet_kedro_logging, recorded
 
 
 class NodeTimer(logging.Handler):
@@ -67,14 +66,10 @@ def main() -> int:
     }
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="fe-bench-"))
-    # Quiet console (warnings only); node timings still flow to the timer below.
-    quiet = workdir / "logging.yml"
-    quiet.write_text(
-        "version: 1\ndisable_existing_loggers: false\n"
-        "handlers: {console: {class: logging.StreamHandler, level: WARNING}}\n"
-        "loggers: {kedro: {level: INFO}}\nroot: {handlers: [console]}\n"
-    )
-    os.environ["KEDRO_LOGGING_CONFIG"] = str(quiet)
+    # Quiet console (warnings only); node timings still flow to the timer below. The config
+    # names no `kedro` logger: applying one would strip the handlers of its children
+    # (logging.config clears a configured logger's existing children), the timer's included.
+    quiet_kedro_logging()
     # Kedro reads KEDRO_LOGGING_CONFIG when it is first imported: only after it is set
     from sandbox import make_project_copy, run_pipeline
 
@@ -103,7 +98,7 @@ def main() -> int:
     print(f"peak RSS          {peak_gb:8.2f} GB")
     print("per node (incl. its loads and saves):")
     for name, seconds in timer.durations:
-        print(f"  {name:28s} {seconds:7.2f} s")
+        print(f"  {name:44s} {seconds:7.2f} s")
     return 0
 
 
