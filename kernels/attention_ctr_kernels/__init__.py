@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 # "0" (or off/false/no) switches the kernel off; a variant's name forces that variant.
 ENV_SWITCH = "ATTENTION_CTR_CPU_KERNELS"
-# torch's CPU capability (`torch.backends.cpu.get_cpu_capability()`) -> the variant built for it
-VARIANT_FOR_CAPABILITY = {"AVX512": "avx512", "AVX2": "avx2"}
+# The builds, lowest level first, each with torch's CPU capability
+# (`torch.backends.cpu.get_cpu_capability()`) that runs it: a CPU runs its level and those below.
+LEVELS = {"baseline": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
 REINSTALL = "pip install --no-build-isolation ./kernels"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -39,40 +40,39 @@ _registered: list[bool] = []  # the torch.library registrations, once per proces
 
 def built_variants() -> list[str]:
     """The variants this installation holds (x86-64: baseline, avx2, avx512)."""
-    names = ("baseline", "avx2", "avx512")
-    return [n for n in names if importlib.util.find_spec(f"{__name__}._recurrence_{n}")]
+    return [n for n in LEVELS if importlib.util.find_spec(f"{__name__}._recurrence_{n}")]
+
+
+def runnable_variants() -> list[str]:
+    """The variants this CPU can run, lowest level first (the baseline everywhere)."""
+    capabilities = list(LEVELS.values())
+    capability = torch.backends.cpu.get_cpu_capability()
+    top = capabilities.index(capability) if capability in capabilities else 0
+    return list(LEVELS)[: top + 1]
 
 
 def variant() -> str | None:
     """The variant for this CPU and setting: the switch's variant name if it names one, else
-    torch's CPU capability's where built, else the baseline; None when switched off."""
+    the highest built one this CPU runs (torch's own CPU capability); None when switched off."""
     setting = os.environ.get(ENV_SWITCH, "1").strip().lower()
     if setting in {"0", "false", "no", "off"}:
         return None
-    built = built_variants()
-    capability = torch.backends.cpu.get_cpu_capability()
-    runnable = ["baseline", *[VARIANT_FOR_CAPABILITY[c] for c in _LEVELS[: _level(capability)]]]
-    if setting in {"baseline", "avx2", "avx512"}:
+    built, runnable = built_variants(), runnable_variants()
+    if setting in LEVELS:
         if setting not in built:
             raise ValueError(f"{ENV_SWITCH}={setting}: not built here (built: {built})")
         if setting not in runnable:  # it would die of an illegal instruction
-            raise ValueError(f"{ENV_SWITCH}={setting}: this CPU ({capability}) cannot run it")
+            raise ValueError(
+                f"{ENV_SWITCH}={setting}: this CPU "
+                f"({torch.backends.cpu.get_cpu_capability()}) cannot run it"
+            )
         return setting
     if setting not in {"1", "true", "yes", "on", ""}:
         raise ValueError(
             f"{ENV_SWITCH}={setting!r}: expected 0 (off), 1 (the build for this CPU), or one of "
             f"{built}"
         )
-    wanted = VARIANT_FOR_CAPABILITY.get(capability)
-    return wanted if wanted in built else "baseline"
-
-
-_LEVELS = ["AVX2", "AVX512"]
-
-
-def _level(capability: str) -> int:
-    """How many of torch's x86 levels (AVX2, AVX512) `capability` includes."""
-    return _LEVELS.index(capability) + 1 if capability in _LEVELS else 0
+    return [name for name in runnable if name in built][-1]
 
 
 def available() -> bool:

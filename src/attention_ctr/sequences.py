@@ -209,8 +209,9 @@ class SampleStream:
         self, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[SampleTensors]:
         """The chunks in order, or (`shuffle`) in a random order; each reads its rows anew."""
-        order = torch.randperm(len(self.starts), generator=generator).tolist() if shuffle else None
-        for position in order if shuffle else range(len(self.starts)):
+        count = len(self.starts)
+        order = torch.randperm(count, generator=generator).tolist() if shuffle else range(count)
+        for position in order:
             yield self.chunk(self.starts[position])
 
 

@@ -213,9 +213,13 @@ class _TrainingStep(nn.Module):
         return batch_losses(self.model, batch, labels, item_frequency)
 
 
+def _in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_ranks(values: list[float]) -> list[float]:
     """`values` summed over the ranks of the process group (itself outside one)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_process_group():
         return values
     total = torch.tensor(values, dtype=torch.float64)
     if dist.get_backend() == "nccl":
@@ -226,7 +230,7 @@ def _all_ranks(values: list[float]) -> list[float]:
 
 def _from_rank_zero(value):
     """Rank 0's `value` on every rank (itself outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_process_group():
         return value
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
@@ -257,7 +261,7 @@ def fit(
     takes its metrics.
     """
     device = train.device
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = _in_process_group()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     batch_size = config.batch_size // world_size
     if device.type == "cpu":

@@ -18,7 +18,8 @@ class ParquetTable:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        metadata = pq.ParquetFile(self.path).metadata
+        self._file = pq.ParquetFile(self.path)  # its footer parsed once, not per chunk
+        metadata = self._file.metadata
         self.num_rows = metadata.num_rows
         sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         self._group_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -33,13 +34,13 @@ class ParquetTable:
         """Rows [start, stop) (clipped to the table), as a DataFrame with a fresh index."""
         start, stop = max(0, start), min(stop, self.num_rows)
         if stop <= start:
-            schema = pq.ParquetFile(self.path).schema_arrow
+            schema = self._file.schema_arrow
             if columns is not None:
                 schema = pa.schema([schema.field(name) for name in columns])
             return schema.empty_table().to_pandas()
         first = int(np.searchsorted(self._group_starts, start, side="right")) - 1
         last = int(np.searchsorted(self._group_starts, stop, side="left"))
-        table = pq.ParquetFile(self.path).read_row_groups(range(first, last), columns=columns)
+        table = self._file.read_row_groups(range(first, last), columns=columns)
         offset = start - int(self._group_starts[first])
         return table.slice(offset, stop - start).to_pandas()
 

@@ -49,6 +49,11 @@ def initialise_model(feature_spec: dict, model_block: dict, training: dict) -> n
     return model
 
 
+def _split(samples: ParquetTable, events: ParquetTable, feature_spec: dict, device, config):
+    """A split whole or streamed, within half the memory budget (training holds two splits)."""
+    return split_tensors(samples, events, feature_spec, device, config.memory_budget_mb / 2)
+
+
 def fit_model(
     model: nn.Module,
     train_samples: ParquetTable,
@@ -72,9 +77,8 @@ def fit_model(
         )
     device = pick_device(config.device)
     logger.info("Training %s on %s", model.name, device)
-    budget = config.memory_budget_mb / 2  # the two splits side by side
-    train = split_tensors(train_samples, events, feature_spec, device, budget)
-    validation = split_tensors(validation_samples, events, feature_spec, device, budget)
+    train = _split(train_samples, events, feature_spec, device, config)
+    validation = _split(validation_samples, events, feature_spec, device, config)
     return fit(model, train, validation, config, frequency.to(device))
 
 
@@ -93,9 +97,7 @@ def choose_cold_start_blend(
     """Choose the blend of rare items toward their category's average by validation AUC."""
     config = training_config(training, model_block)
     device = pick_device(config.device)
-    validation = split_tensors(
-        validation_samples, events, feature_spec, device, config.memory_budget_mb / 2
-    )
+    validation = _split(validation_samples, events, feature_spec, device, config)
     choice = choose_blend(
         trained_model,
         validation,
