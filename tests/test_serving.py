@@ -39,7 +39,7 @@ def served(exported_run):
     data = {
         name.partition("@")[0]: catalog.load(name)
         for name in (
-            "test_samples",
+            "test_samples@pandas",
             "events@pandas",
             "feature_spec",
             "item_ids",

@@ -11,6 +11,9 @@ from kedro.io.core import AbstractDataset, DatasetError
 
 from attention_ctr.raw_logs import FORMATS, READERS, RawEvents, write_taobao
 
+# pandas: parsed in this process; spark: read by Spark (Taobao format) or handed to it.
+ENGINES = ("pandas", "spark")
+
 
 @dataclass(frozen=True)
 class BehaviorLogSource:
@@ -19,8 +22,16 @@ class BehaviorLogSource:
     filepath: str
     format: str
     read_args: dict = field(default_factory=dict)
+    engine: str = "pandas"
 
     def read(self) -> RawEvents:
+        if self.engine == "spark":
+            from attention_ctr import spark_raw_logs
+
+            if self.format == "taobao":
+                return spark_raw_logs.read_taobao(self.filepath)
+            raw = READERS[self.format](self.filepath, **self.read_args)
+            return spark_raw_logs.from_raw_events(raw)
         return READERS[self.format](self.filepath, **self.read_args)
 
 
@@ -45,8 +56,14 @@ class BehaviorLogDataset(AbstractDataset[pd.DataFrame, BehaviorLogSource]):
         filepath: str,
         format: str = "taobao",  # noqa: A002 - the catalog key users write
         read_args: dict[str, Any] | None = None,
+        engine: str = "pandas",
         metadata: dict[str, Any] | None = None,
     ) -> None:
+        if engine not in ENGINES:
+            raise DatasetError(
+                f"Unknown engine {engine!r} for raw log {filepath}; expected one of {ENGINES}"
+            )
+        self._engine = engine
         if format not in FORMATS:
             raise DatasetError(
                 f"Unknown raw log format {format!r} for {filepath}; expected one of {FORMATS}"
@@ -57,7 +74,7 @@ class BehaviorLogDataset(AbstractDataset[pd.DataFrame, BehaviorLogSource]):
         self.metadata = metadata
 
     def load(self) -> BehaviorLogSource:
-        return BehaviorLogSource(str(self._filepath), self._format, self._read_args)
+        return BehaviorLogSource(str(self._filepath), self._format, self._read_args, self._engine)
 
     def save(self, data: pd.DataFrame) -> None:
         if self._format != "taobao":
@@ -70,4 +87,4 @@ class BehaviorLogDataset(AbstractDataset[pd.DataFrame, BehaviorLogSource]):
         return Path(self._filepath).exists()
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "format": self._format}
+        return {"filepath": str(self._filepath), "format": self._format, "engine": self._engine}

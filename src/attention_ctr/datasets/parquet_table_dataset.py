@@ -12,35 +12,50 @@ from kedro.io import AbstractDataset
 from kedro.io.core import DatasetError
 
 
+def parquet_parts(path: str | Path) -> list[Path]:
+    """The files of a parquet table in row order: the file itself, or a directory's part files
+    (as Spark writes them: partition i in `part-<i>-...`) in name order."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(part for part in path.glob("*.parquet") if not part.name.startswith(("_", ".")))
+
+
 class ParquetTable:
-    """A parquet file's row count and size, and reads of its columns or of a range of rows
-    (only the row groups that hold them are decoded)."""
+    """A parquet table's row count and size, and reads of its columns or of a range of rows
+    (only the row groups that hold them are decoded). The table is a file or a directory of
+    part files (`parquet_parts`)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file = pq.ParquetFile(self.path)  # its footer parsed once, not per chunk
-        metadata = self._file.metadata
-        self.num_rows = metadata.num_rows
-        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        self._files = [pq.ParquetFile(part) for part in parquet_parts(self.path)]
+        # Every row group of every file, in row order: (file, group within the file).
+        self._groups = [
+            (file, group) for file in self._files for group in range(file.metadata.num_row_groups)
+        ]
+        sizes = [file.metadata.row_group(group).num_rows for file, group in self._groups]
         self._group_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.num_rows = int(self._group_starts[-1])
 
     def __len__(self) -> int:
         return self.num_rows
 
     def read(self, columns: list[str] | None = None) -> pd.DataFrame:
-        return pq.read_table(self.path, columns=columns).to_pandas()
+        return pa.concat_tables(file.read(columns=columns) for file in self._files).to_pandas()
 
     def read_rows(self, start: int, stop: int, columns: list[str] | None = None) -> pd.DataFrame:
         """Rows [start, stop) (clipped to the table), as a DataFrame with a fresh index."""
         start, stop = max(0, start), min(stop, self.num_rows)
         if stop <= start:
-            schema = self._file.schema_arrow
+            schema = self._files[0].schema_arrow
             if columns is not None:
                 schema = pa.schema([schema.field(name) for name in columns])
             return schema.empty_table().to_pandas()
         first = int(np.searchsorted(self._group_starts, start, side="right")) - 1
         last = int(np.searchsorted(self._group_starts, stop, side="left"))
-        table = self._file.read_row_groups(range(first, last), columns=columns)
+        table = pa.concat_tables(
+            file.read_row_group(group, columns=columns) for file, group in self._groups[first:last]
+        )
         offset = start - int(self._group_starts[first])
         return table.slice(offset, stop - start).to_pandas()
 
@@ -61,7 +76,7 @@ class ParquetTableDataset(AbstractDataset[None, ParquetTable]):
         self.metadata = metadata
 
     def load(self) -> ParquetTable:
-        if not self._filepath.is_file():
+        if not parquet_parts(self._filepath):
             raise DatasetError(f"{self._filepath} does not exist: run feature_engineering first")
         return ParquetTable(self._filepath)
 
@@ -71,7 +86,7 @@ class ParquetTableDataset(AbstractDataset[None, ParquetTable]):
         )
 
     def _exists(self) -> bool:
-        return self._filepath.is_file()
+        return bool(parquet_parts(self._filepath))
 
     def _describe(self) -> dict:
         return {"filepath": str(self._filepath)}

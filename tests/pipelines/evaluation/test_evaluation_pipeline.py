@@ -81,7 +81,7 @@ def test_gauc_matches_a_hand_computation_and_skips_one_class_users():
 
 def test_stored_metrics_agree_with_sklearn_on_the_same_predictions(evaluated):
     _, catalog = evaluated
-    test = catalog.load("test_samples")
+    test = catalog.load("test_samples@pandas")
     tensors = SampleTensors(test, catalog.load("events@pandas"), catalog.load("feature_spec"))
     labels = test["label"].to_numpy()
     frequency = catalog.load("item_frequency")
@@ -124,7 +124,7 @@ def test_model_differs_from_trained_model_only_in_its_item_table(evaluated):
 def test_ranking_is_what_eager_torch_ranks_and_identical_across_runs(evaluated):
     project, catalog = evaluated
     params = catalog.load("params:evaluation.ranking")
-    test, events = catalog.load("test_samples"), catalog.load("events@pandas")
+    test, events = catalog.load("test_samples@pandas"), catalog.load("events@pandas")
     frequency = catalog.load("item_frequency")
     candidates = draw_ranking_candidates(test, events, frequency, params)
     seen = set(zip(events["user"], events["item"]))
@@ -197,7 +197,7 @@ def test_explanations_name_behaviours_from_that_users_history(evaluated):
     events = catalog.load("events@pandas")
     item_raw = catalog.load("item_ids").set_index("item")["raw_id"]
     user_code = catalog.load("user_ids").set_index("raw_id")["user"]
-    test = catalog.load("test_samples")
+    test = catalog.load("test_samples@pandas")
     explanations = catalog.load("recommendation_explanations")
     report = catalog.load("recommendation_explanations_report")
     assert list(explanations) == list(MODELS)

@@ -51,7 +51,9 @@ def test_every_model_exports_a_versioned_graph_that_matches_the_trained_model(ex
     session = onnx_session(catalog.load(f"{name}.onnx_model"))
     model = catalog.load(f"{name}.model")
     test = SampleTensors(
-        catalog.load("test_samples"), catalog.load("events@pandas"), catalog.load("feature_spec")
+        catalog.load("test_samples@pandas"),
+        catalog.load("events@pandas"),
+        catalog.load("feature_spec"),
     )
     with torch.inference_mode():
         for batch, _ in test.batches(256):

@@ -30,7 +30,7 @@ def features(tmp_path_factory) -> dict:
         "events@pandas",
         "train_samples@pandas",
         "validation_samples@pandas",
-        "test_samples",
+        "test_samples@pandas",
         "user_ids",
         "item_ids",
         "category_ids",
@@ -122,8 +122,9 @@ def test_mixed_negatives_draw_their_share_by_popularity(share):
     frequency = pd.DataFrame(
         {"item": np.arange(1, 101), "category": 1, "train_count": np.r_[1, np.zeros(99, int)]}
     )
-    draw = _sampler(frequency, {"distribution": "mixed", "popularity_share": share})
-    drawn = draw(np.random.default_rng(0), 20_000)
+    pick = _sampler(frequency, {"distribution": "mixed", "popularity_share": share})
+    rng = np.random.default_rng(0)
+    drawn = pick(rng.random(20_000), rng.random(20_000))
     uniform_ones = (1 - share) / 100
     assert np.mean(drawn == 1) == pytest.approx(share + uniform_ones, abs=0.01)
     with pytest.raises(ValueError, match="popularity_share"):
@@ -199,7 +200,7 @@ def test_short_users_are_dropped_and_counted(project):
     interactions = catalog.load("interactions")
     short = (interactions.groupby("user_id").size() < 40).sum()
     assert report["users_dropped_too_few_events"] == short > 0
-    kept_users = set(catalog.load("test_samples")["user"])
+    kept_users = set(catalog.load("test_samples@pandas")["user"])
     assert len(kept_users) == report["users"] - short
 
 

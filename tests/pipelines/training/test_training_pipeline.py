@@ -39,10 +39,8 @@ def trained(tmp_path_factory):
 def split_tensors(catalog, *splits: str) -> list[SampleTensors]:
     """`SampleTensors` of the named splits (`train`, `validation`, `test`) of a run."""
     spec, events = catalog.load("feature_spec"), catalog.load("events@pandas")
-    names = {"train": "train_samples@pandas", "validation": "validation_samples@pandas"}
     return [
-        SampleTensors(catalog.load(names.get(split, f"{split}_samples")), events, spec)
-        for split in splits
+        SampleTensors(catalog.load(f"{split}_samples@pandas"), events, spec) for split in splits
     ]
 
 

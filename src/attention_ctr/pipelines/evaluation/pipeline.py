@@ -25,7 +25,7 @@ from attention_ctr.pipelines.evaluation.nodes import (
 
 PARAMS = "params:evaluation"
 SHARED_INPUTS = {
-    "test_samples",
+    "test_samples@pandas",
     "events@pandas",
     "feature_spec",
     "cold_start_items",
@@ -55,7 +55,7 @@ def create_model_pipeline() -> Pipeline:
                 [
                     "model",
                     "trained_model",
-                    "test_samples",
+                    "test_samples@pandas",
                     "events@pandas",
                     "feature_spec",
                     "item_frequency",
@@ -74,7 +74,13 @@ def create_model_pipeline() -> Pipeline:
             ),
             Node(
                 time_inference,
-                ["model", "test_samples", "events@pandas", "feature_spec", f"{PARAMS}.latency"],
+                [
+                    "model",
+                    "test_samples@pandas",
+                    "events@pandas",
+                    "feature_spec",
+                    f"{PARAMS}.latency",
+                ],
                 "inference_latency",
                 name="time_torch_and_onnxruntime",
             ),
@@ -82,7 +88,7 @@ def create_model_pipeline() -> Pipeline:
             # `--namespaces din` runs a whole branch.
             Node(
                 draw_ranking_candidates,
-                ["test_samples", "events@pandas", "item_frequency", f"{PARAMS}.ranking"],
+                ["test_samples@pandas", "events@pandas", "item_frequency", f"{PARAMS}.ranking"],
                 "ranking_candidates",
                 name="draw_ranking_candidates",
             ),
@@ -120,7 +126,14 @@ def create_model_pipeline() -> Pipeline:
             ),
             Node(
                 profile_attention,
-                ["model", "test_samples", "events@pandas", "feature_spec", "user_ids", PARAMS],
+                [
+                    "model",
+                    "test_samples@pandas",
+                    "events@pandas",
+                    "feature_spec",
+                    "user_ids",
+                    PARAMS,
+                ],
                 "attention_profile",
                 name="profile_attention",
             ),
@@ -128,7 +141,7 @@ def create_model_pipeline() -> Pipeline:
             # that `--namespaces din` runs a whole branch.
             Node(
                 draw_explanation_candidates,
-                ["test_samples", "item_ids", f"{PARAMS}.explanations"],
+                ["test_samples@pandas", "item_ids", f"{PARAMS}.explanations"],
                 "explanation_candidates",
                 name="draw_explanation_candidates",
             ),

@@ -11,7 +11,7 @@ from attention_ctr.pipelines.export.nodes import (
 )
 
 SHARED_INPUTS = {
-    "test_samples",
+    "test_samples@pandas",
     "events@pandas",
     "feature_spec",
     "item_ids",
@@ -21,7 +21,7 @@ SHARED_INPUTS = {
     "cold_start_weights",
 }
 GRAPHS = ["onnx_model", "onnx_request_model"]  # batch graph, request graph
-HELD_OUT = ["test_samples", "events@pandas", "feature_spec", "params:export"]
+HELD_OUT = ["test_samples@pandas", "events@pandas", "feature_spec", "params:export"]
 
 
 def create_model_pipeline() -> Pipeline:

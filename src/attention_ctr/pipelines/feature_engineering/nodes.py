@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from attention_ctr.errors import InputError
-from attention_ctr.ranking import popularity_sampler, uniform_sampler
+from attention_ctr.pipelines.feature_engineering import spark_nodes
+from attention_ctr.pipelines.feature_engineering.spark_nodes import is_spark
 from attention_ctr.sequences import SAMPLE_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -35,17 +36,35 @@ def _time_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
     return np.lexsort((timestamp, user))
 
 
+def behavior_table(behaviors: list[str]) -> pd.DataFrame:
+    """Behaviour codes from 1 in the order of parameter ingestion.validation.behaviors."""
+    return pd.DataFrame(
+        {
+            "behavior": [str(b) for b in behaviors],
+            "code": np.arange(1, len(behaviors) + 1, dtype=np.int8),
+        }
+    )
+
+
 def encode_interactions(
-    interactions: pd.DataFrame,
+    interactions: pd.DataFrame, behaviors: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Encode ids contiguously (0 = padding/unknown) and sort behaviours by user, then time."""
+    if is_spark(interactions):
+        return spark_nodes.encode_interactions(interactions, behaviors)
     user, user_raw = _codes(interactions["user_id"])
     item, item_raw = _codes(interactions["item_id"])
     category, category_raw = _codes(interactions["category_id"])
-    behavior_values = interactions["behavior"]
-    if not isinstance(behavior_values.dtype, pd.CategoricalDtype):
-        behavior_values = behavior_values.astype("category")
-    behavior = (behavior_values.cat.codes.to_numpy() + 1).astype(np.int8)
+    values = interactions["behavior"]
+    if not isinstance(values.dtype, pd.CategoricalDtype):
+        values = values.astype("category")  # few distinct values: recode them, not the rows
+    behavior = values.cat.set_categories([str(b) for b in behaviors]).cat.codes.to_numpy()
+    if (behavior < 0).any():
+        raise InputError(
+            "interactions hold a behaviour outside parameter ingestion.validation.behaviors "
+            f"{list(behaviors)}"
+        )
+    behavior = (behavior + 1).astype(np.int8)
     timestamp = interactions["timestamp"].to_numpy(dtype=np.int64)
 
     order = _time_order(user, timestamp)
@@ -76,13 +95,7 @@ def encode_interactions(
             "category": np.arange(1, len(category_raw) + 1, dtype=np.int32),
         }
     )
-    behavior_ids = pd.DataFrame(
-        {
-            "behavior": [str(b) for b in behavior_values.cat.categories],
-            "code": np.arange(1, len(behavior_values.cat.categories) + 1, dtype=np.int8),
-        }
-    )
-    return events, user_ids, item_ids, category_ids, behavior_ids
+    return events, user_ids, item_ids, category_ids, behavior_table(behaviors)
 
 
 def _user_positions(user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,28 +109,23 @@ def _user_positions(user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return np.arange(len(user)) - first, np.repeat(counts, counts), first
 
 
-def _split_roles(events: pd.DataFrame, min_user_events: int) -> np.ndarray:
+def _roles(user: np.ndarray, min_user_events: int) -> np.ndarray:
     """Per event: TRAIN, VALIDATION (user's second-to-last), TEST (last), -1 (user too short)."""
-    position, count, _ = _user_positions(events["user"].to_numpy())
-    role = np.full(len(events), TRAIN, dtype=np.int8)
+    position, count, _ = _user_positions(user)
+    role = np.full(len(user), TRAIN, dtype=np.int8)
     role[position == count - 2] = VALIDATION
     role[position == count - 1] = TEST
     role[count < min_user_events] = -1
-    if len(role) and not (role >= 0).any():
-        # Fail here, naming the parameter: later nodes would fail on empty tables instead.
-        raise InputError(
-            f"Parameter feature_engineering.min_user_events is {min_user_events}, but no user "
-            f"has that many behaviours: {len(np.unique(events['user']))} users, at most "
-            f"{int(count.max())} behaviours each; lower min_user_events or ingest more events"
-        )
     return role
 
 
-def build_positive_samples(events: pd.DataFrame, params: dict) -> pd.DataFrame:
-    """One positive sample per behaviour with its leak-free history window and split.
+def behaviour_samples(events: pd.DataFrame, params: dict, first_row: int = 0) -> pd.DataFrame:
+    """Every behaviour of whole, (user, time)-sorted users with its sample columns.
 
     The history of a behaviour at time t is the user's behaviours strictly before t (ties at t
-    are excluded), the most recent `max_history` of them.
+    are excluded), the most recent `max_history` of them: it ends at `hist_end`, the global row
+    (`first_row` + position here) of the first behaviour at t. `split` is the behaviour's role
+    (-1: its user has fewer than `min_user_events`); `keep` marks those that become samples.
     """
     user = events["user"].to_numpy()
     timestamp = events["timestamp"].to_numpy()
@@ -127,38 +135,70 @@ def build_positive_samples(events: pd.DataFrame, params: dict) -> pd.DataFrame:
     new_run[1:] = (user[1:] != user[:-1]) | (timestamp[1:] != timestamp[:-1])
     run_first = np.maximum.accumulate(np.where(new_run, np.arange(len(events)), 0))
     hist_len = np.minimum(run_first - user_first, int(params["max_history"]))
-
-    min_user_events = int(params["min_user_events"])
-    role = _split_roles(events, min_user_events)
-    keep = (role >= 0) & (hist_len > 0)
-    if len(events) and not (keep & (role == TRAIN)).any():
-        users = len(np.unique(user[role >= 0]))
-        raise InputError(
-            f"No training sample: the {users} users with at least min_user_events="
-            f"{min_user_events} behaviours have none before their validation and test ones "
-            "(each needs 3 behaviours at distinct times); raise "
-            "feature_engineering.min_user_events to 3 or more, or ingest more events"
-        )
+    role = _roles(user, int(params["min_user_events"]))
     return pd.DataFrame(
         {
-            "user": user[keep],
-            "item": events["item"].to_numpy()[keep],
-            "category": events["category"].to_numpy()[keep],
-            "label": np.ones(int(keep.sum()), dtype=np.int8),
-            "timestamp": timestamp[keep],
-            "hist_end": run_first[keep].astype(np.int64),
-            "hist_len": hist_len[keep].astype(np.int32),
-            "split": role[keep],
+            "user": user,
+            "item": events["item"].to_numpy(),
+            "category": events["category"].to_numpy(),
+            "timestamp": timestamp,
+            "hist_end": (run_first + first_row).astype(np.int64),
+            "hist_len": hist_len.astype(np.int32),
+            "split": role,
+            "keep": (role >= 0) & (hist_len > 0),
         }
     )
 
 
-def count_item_frequency(
-    events: pd.DataFrame, item_ids: pd.DataFrame, params: dict
-) -> pd.DataFrame:
+def check_samples(
+    min_user_events: int, users: int, max_user_events: int, eligible_users: int, train: int
+) -> None:
+    """Fail here, naming the parameter, when the log yields no user or no training sample:
+    later nodes would fail on empty tables instead."""
+    if users and not eligible_users:
+        raise InputError(
+            f"Parameter feature_engineering.min_user_events is {min_user_events}, but no user "
+            f"has that many behaviours: {users} users, at most {max_user_events} behaviours "
+            "each; lower min_user_events or ingest more events"
+        )
+    if users and not train:
+        raise InputError(
+            f"No training sample: the {eligible_users} users with at least min_user_events="
+            f"{min_user_events} behaviours have none before their validation and test ones "
+            "(each needs 3 behaviours at distinct times); raise "
+            "feature_engineering.min_user_events to 3 or more, or ingest more events"
+        )
+
+
+def build_positive_samples(events: pd.DataFrame, params: dict) -> pd.DataFrame:
+    """Every behaviour with its leak-free history window and split (`behaviour_samples`);
+    those marked `keep` become positive samples."""
+    if is_spark(events):
+        return spark_nodes.build_positive_samples(events, params)
+    samples = behaviour_samples(events, params)
+    user = samples["user"].to_numpy()
+    counts = np.bincount(user)
+    eligible = samples["split"].to_numpy() >= 0
+    check_samples(
+        int(params["min_user_events"]),
+        users=int((counts > 0).sum()),
+        max_user_events=int(counts.max(initial=0)),
+        eligible_users=len(np.unique(user[eligible])),
+        train=int((samples["keep"] & (samples["split"] == TRAIN)).sum()),
+    )
+    return samples
+
+
+def count_item_frequency(positives: pd.DataFrame, item_ids: pd.DataFrame) -> pd.DataFrame:
     """Training interactions per item (validation and test behaviours are not counted)."""
-    role = _split_roles(events, int(params["min_user_events"]))
-    counts = np.bincount(events["item"].to_numpy()[role == TRAIN], minlength=len(item_ids) + 1)[1:]
+    if is_spark(positives):
+        return spark_nodes.count_item_frequency(positives, item_ids)
+    train = positives["split"].to_numpy() == TRAIN
+    counts = np.bincount(positives["item"].to_numpy()[train], minlength=len(item_ids) + 1)[1:]
+    return item_frequency_table(item_ids, counts)
+
+
+def item_frequency_table(item_ids: pd.DataFrame, counts: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "item": item_ids["item"].to_numpy(),
@@ -169,7 +209,8 @@ def count_item_frequency(
 
 
 def _sampler(item_frequency: pd.DataFrame, sampling: dict):
-    """Draw encoded item ids uniformly, by training frequency, or a mix of the two.
+    """`pick(u, v)`: encoded item ids drawn uniformly, by training frequency, or a mix of the
+    two, from uniform numbers `u` (which item) and `v` (which distribution, for `mixed`).
 
     `mixed` draws each negative by popularity with probability `popularity_share`, else
     uniformly: uniform negatives teach what an item is worth by itself, popularity negatives
@@ -178,8 +219,12 @@ def _sampler(item_frequency: pd.DataFrame, sampling: dict):
     distribution = sampling["distribution"]
     items = item_frequency["item"].to_numpy()
     counts = item_frequency["train_count"].to_numpy()
+
+    def uniform(u):
+        return items[np.minimum((u * len(items)).astype(np.int64), len(items) - 1)]
+
     if distribution == "uniform":
-        return uniform_sampler(items)
+        return lambda u, v: uniform(u)
     if distribution not in ("popularity", "mixed"):
         raise ValueError(
             f"Parameter feature_engineering.negative_sampling.distribution is {distribution!r}; "
@@ -190,40 +235,79 @@ def _sampler(item_frequency: pd.DataFrame, sampling: dict):
             f"negative_sampling.distribution {distribution!r} needs items with training "
             "behaviours, and there are none"
         )
-    popular = popularity_sampler(items, counts)
+    cdf = np.cumsum(counts.astype(np.float64))
+    cdf /= cdf[-1]
+
+    def popular(u):  # items with count 0 are never drawn
+        return items[np.minimum(np.searchsorted(cdf, u, side="right"), len(items) - 1)]
+
     if distribution == "popularity":
-        return popular
+        return lambda u, v: popular(u)
     share = float(sampling.get("popularity_share", 0.5))
     if not 0.0 <= share <= 1.0:
         raise ValueError(
             f"Parameter feature_engineering.negative_sampling.popularity_share is {share}; "
             "expected a share between 0 and 1"
         )
-    uniform = uniform_sampler(items)
-    return lambda rng, size: np.where(
-        rng.random(size) < share, popular(rng, size), uniform(rng, size)
-    )
+    return lambda u, v: np.where(v < share, popular(u), uniform(u))
 
 
-def _draw_unseen(
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 whose outputs look independent."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(counters: np.ndarray, *stream: int) -> np.ndarray:
+    """Uniform numbers in [0, 1), one per counter, that depend only on (stream, counter).
+
+    A counter-based generator: a draw is a function of its own key, not of the draws before
+    it, so any partition of the rows (one pandas process, many Spark tasks) gets the same
+    numbers.
+    """
+    key = np.zeros(1, dtype=np.uint64)
+    for part in stream:
+        key = _mix(key * _GOLDEN + np.uint64(part))
+    bits = _mix(np.asarray(counters, dtype=np.int64).astype(np.uint64) * _GOLDEN + key)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def user_item_keys(user: np.ndarray, item: np.ndarray, n_items: int) -> np.ndarray:
+    """Sorted unique `user * (n_items + 1) + item` keys of the given behaviours."""
+    return np.unique(user.astype(np.int64) * (n_items + 1) + item)
+
+
+def draw_unseen(
     users: np.ndarray,
+    counters: np.ndarray,
     seen_keys: np.ndarray,
     n_items: int,
-    draw,
-    rng: np.random.Generator,
+    pick,
+    stream: tuple[int, ...],
     max_rounds: int,
 ) -> np.ndarray:
     """For each user, an item the user never interacted with (0 where none was found).
 
-    Rejection sampling in vectorised rounds: only the rejected draws are drawn again.
+    Rejection sampling in vectorised rounds: only the rejected draws are drawn again. Round r
+    of the draw for `counters[i]` uses the uniforms of (stream, r, counters[i]) alone.
     """
     result = np.zeros(len(users), dtype=np.int32)
     pending = np.arange(len(users))
     stride = np.int64(n_items + 1)
-    for _ in range(max_rounds):
+    for round_ in range(max_rounds):
         if not len(pending):
             break
-        candidates = draw(rng, len(pending))
+        counter = counters[pending]
+        candidates = pick(
+            counter_uniforms(counter, *stream, round_, 0),
+            counter_uniforms(counter, *stream, round_, 1),
+        )
         keys = users[pending].astype(np.int64) * stride + candidates
         hit = np.searchsorted(seen_keys, keys)
         seen = seen_keys[np.minimum(hit, len(seen_keys) - 1)] == keys
@@ -232,52 +316,60 @@ def _draw_unseen(
     return result
 
 
-def index_user_items(events: pd.DataFrame, item_ids: pd.DataFrame) -> np.ndarray:
-    """Sorted unique `user * (n_items + 1) + item` keys of every behaviour in the log."""
-    keys = events["user"].to_numpy(np.int64) * (len(item_ids) + 1) + events["item"].to_numpy()
-    return np.unique(keys)
+NEGATIVE_HISTORY, NEGATIVE_SAMPLES = 1, 2  # the two negative draws' streams
 
 
-def add_negative_history(
-    events: pd.DataFrame,
-    user_item_keys: np.ndarray,
-    item_frequency: pd.DataFrame,
-    params: dict,
+def negative_history(
+    events: pd.DataFrame, item_frequency: pd.DataFrame, params: dict, first_row: int = 0
 ) -> pd.DataFrame:
-    """DIEN's negative history: beside each behaviour, an item that user never touched."""
+    """`events` (whole users) with DIEN's negative history: beside each behaviour, an item
+    that user never touched, drawn with the behaviour's global row as counter."""
     sampling = params["negative_sampling"]
-    rng = np.random.default_rng([int(sampling["seed"]), 1])
-    negative = _draw_unseen(
-        events["user"].to_numpy(),
-        user_item_keys,
+    user = events["user"].to_numpy()
+    negative = draw_unseen(
+        user,
+        first_row + np.arange(len(events), dtype=np.int64),
+        user_item_keys(user, events["item"].to_numpy(), len(item_frequency)),
         len(item_frequency),
         _sampler(item_frequency, sampling),
-        rng,
+        (int(sampling["seed"]), NEGATIVE_HISTORY),
         int(sampling["max_rounds"]),
     )
     item_category = np.concatenate([[0], item_frequency["category"].to_numpy()])
     return events.assign(neg_item=negative, neg_category=item_category[negative].astype(np.int32))
 
 
-def assemble_samples(
-    positives: pd.DataFrame,
-    user_item_keys: np.ndarray,
-    item_frequency: pd.DataFrame,
-    params: dict,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Train, validation and test samples: each positive followed by its `ratio` negatives."""
+def add_negative_history(
+    events: pd.DataFrame, item_frequency: pd.DataFrame, params: dict
+) -> pd.DataFrame:
+    """DIEN's negative history: beside each behaviour, an item that user never touched."""
+    if is_spark(events):
+        return spark_nodes.add_negative_history(events, item_frequency, params)
+    return negative_history(events, item_frequency, params)
+
+
+def samples_with_negatives(
+    behaviours: pd.DataFrame, item_frequency: pd.DataFrame, params: dict, first_row: int = 0
+) -> pd.DataFrame:
+    """The kept behaviours of whole users (`behaviour_samples`), each followed by its `ratio`
+    negatives, with their `split`. Negative j of the behaviour at global row r is drawn with
+    counter `r * ratio + j`."""
     sampling = params["negative_sampling"]
     ratio = int(sampling["ratio"])
-    if ratio < 0:
-        raise ValueError(f"negative_sampling.ratio must be >= 0, got {ratio}")
-    rng = np.random.default_rng([int(sampling["seed"]), 2])
+    seen_keys = user_item_keys(
+        behaviours["user"].to_numpy(), behaviours["item"].to_numpy(), len(item_frequency)
+    )
+    kept = behaviours["keep"].to_numpy()
+    positives = behaviours[kept]
+    rows = np.flatnonzero(kept) + first_row
     source = np.repeat(np.arange(len(positives)), ratio)
-    negative_item = _draw_unseen(
+    negative_item = draw_unseen(
         positives["user"].to_numpy()[source],
-        user_item_keys,
+        rows[source] * ratio + np.tile(np.arange(ratio), len(positives)),
+        seen_keys,
         len(item_frequency),
         _sampler(item_frequency, sampling),
-        rng,
+        (int(sampling["seed"]), NEGATIVE_SAMPLES),
         int(sampling["max_rounds"]),
     )
     found = negative_item > 0
@@ -305,10 +397,22 @@ def assemble_samples(
     columns["label"] = np.concatenate(
         [np.ones(n_positive, dtype=np.int8), np.zeros(int(found.sum()), dtype=np.int8)]
     )[order]
-    split = columns.pop("split")
+    return pd.DataFrame({name: columns[name] for name in [*SAMPLE_COLUMNS, "split"]})
+
+
+def assemble_samples(
+    positives: pd.DataFrame, item_frequency: pd.DataFrame, params: dict
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Train, validation and test samples: each positive followed by its `ratio` negatives."""
+    ratio = int(params["negative_sampling"]["ratio"])
+    if ratio < 0:
+        raise ValueError(f"negative_sampling.ratio must be >= 0, got {ratio}")
+    if is_spark(positives):
+        return spark_nodes.assemble_samples(positives, item_frequency, params)
+    samples = samples_with_negatives(positives, item_frequency, params)
+    split = samples.pop("split").to_numpy()
     return tuple(
-        pd.DataFrame({name: columns[name][split == role] for name in SAMPLE_COLUMNS})
-        for role in (TRAIN, VALIDATION, TEST)
+        samples[split == role].reset_index(drop=True) for role in (TRAIN, VALIDATION, TEST)
     )
 
 
@@ -324,9 +428,12 @@ def build_cold_start_tables(
     them toward the average only as far as validation says it helps (`cold_start.blend_grid`).
     """
     count = item_frequency["train_count"].to_numpy()
-    seen = np.isin(item_frequency["item"].to_numpy(), train_samples["item"].to_numpy()) | (
-        count > 0
+    items = (
+        spark_nodes.trained_items(train_samples)
+        if is_spark(train_samples)
+        else train_samples["item"].to_numpy()
     )
+    seen = np.isin(item_frequency["item"].to_numpy(), items) | (count > 0)
     cold = item_frequency.loc[~seen, ["item", "category", "train_count"]]
     warm = item_frequency.loc[count > 0, ["category", "item", "train_count"]]
     totals = warm.groupby("category")["train_count"].transform("sum")
@@ -340,8 +447,36 @@ def build_cold_start_tables(
     return cold.reset_index(drop=True), weights
 
 
+def sample_facts(
+    events: pd.DataFrame,
+    positives: pd.DataFrame,
+    splits: dict[str, pd.DataFrame],
+) -> dict:
+    """The counts the feature report is made of (what `spark_nodes.sample_facts` computes on
+    Spark)."""
+    role = positives["split"].to_numpy()
+    return {
+        "events": len(events),
+        "users": int(events["user"].nunique()),
+        "max_user": int(events["user"].max()),
+        "users_dropped": int(positives.loc[role < 0, "user"].nunique()),
+        "events_of_dropped_users": int((role < 0).sum()),
+        "eligible_events": int((role >= 0).sum()),
+        "negative_history_not_found": int((events["neg_item"] == 0).sum()),
+        "splits": {
+            name: {
+                "rows": len(samples),
+                "positives": int(samples["label"].sum()),
+                "mean_history_length": float(samples["hist_len"].mean()) if len(samples) else 0.0,
+            }
+            for name, samples in splits.items()
+        },
+    }
+
+
 def describe_features(
     events: pd.DataFrame,
+    positives: pd.DataFrame,
     item_ids: pd.DataFrame,
     category_ids: pd.DataFrame,
     behavior_ids: pd.DataFrame,
@@ -356,8 +491,12 @@ def describe_features(
     edges = [int(e) for e in params["time_gap_edges"]]
     if edges != sorted(set(edges)):
         raise ValueError("Parameter feature_engineering.time_gap_edges must be strictly increasing")
+    splits = {"train": train, "validation": validation, "test": test}
+    facts = (spark_nodes.sample_facts if is_spark(events) else sample_facts)(
+        events, positives, splits
+    )
     spec = {
-        "n_users": int(events["user"].max()),
+        "n_users": facts["max_user"],
         "n_items": len(item_ids),
         "n_categories": len(category_ids),
         "n_behaviors": len(behavior_ids),
@@ -367,38 +506,30 @@ def describe_features(
         "n_time_gap_buckets": len(edges) + 2,  # 0 padding, then one more than the edges
         "padding_id": 0,
     }
-    role = _split_roles(events, int(params["min_user_events"]))
-    users_dropped = np.unique(events["user"].to_numpy()[role < 0])
-
-    def split_counts(samples: pd.DataFrame) -> dict:
-        positives = int(samples["label"].sum())
-        return {"positives": positives, "negatives": len(samples) - positives}
-
+    per_split = facts["splits"]
     ratio = int(params["negative_sampling"]["ratio"])
-    positives = sum(int(s["label"].sum()) for s in (train, validation, test))
-    negatives = len(train) + len(validation) + len(test) - positives
+    positives_total = sum(split["positives"] for split in per_split.values())
+    negatives_total = sum(split["rows"] for split in per_split.values()) - positives_total
     cold_categories = set(cold_start_items["category"]) - set(cold_start_weights["category"])
     report = {
-        "events": len(events),
-        "users": int(events["user"].nunique()),
-        "users_dropped_too_few_events": len(users_dropped),
-        "events_of_dropped_users": int((role < 0).sum()),
-        "behaviours_without_history": int((role >= 0).sum()) - positives,
+        "events": facts["events"],
+        "users": facts["users"],
+        "users_dropped_too_few_events": facts["users_dropped"],
+        "events_of_dropped_users": facts["events_of_dropped_users"],
+        "behaviours_without_history": facts["eligible_events"] - positives_total,
         "samples": {
-            "train": split_counts(train),
-            "validation": split_counts(validation),
-            "test": split_counts(test),
+            name: {"positives": split["positives"], "negatives": split["rows"] - split["positives"]}
+            for name, split in per_split.items()
         },
-        "negatives_not_found": positives * ratio - negatives,
-        "negative_history_not_found": int((events["neg_item"] == 0).sum()),
+        "negatives_not_found": positives_total * ratio - negatives_total,
+        "negative_history_not_found": facts["negative_history_not_found"],
         "cold_start": {
             "cold_items_never_in_training": len(cold_start_items),
             "items_with_training_behaviours": len(cold_start_weights),
             "cold_categories_without_warm_items": len(cold_categories),
         },
         "mean_history_length": {
-            name: float(s["hist_len"].mean()) if len(s) else 0.0
-            for name, s in (("train", train), ("validation", validation), ("test", test))
+            name: split["mean_history_length"] for name, split in per_split.items()
         },
     }
     logger.info(
@@ -406,9 +537,9 @@ def describe_features(
         report["events"],
         report["users"],
         report["users_dropped_too_few_events"],
-        len(train),
-        len(validation),
-        len(test),
+        per_split["train"]["rows"],
+        per_split["validation"]["rows"],
+        per_split["test"]["rows"],
         len(cold_start_items),
     )
     return spec, report

@@ -9,18 +9,20 @@ from attention_ctr.pipelines.feature_engineering.nodes import (
     count_item_frequency,
     describe_features,
     encode_interactions,
-    index_user_items,
 )
 
 PARAMS = "params:feature_engineering"
 
 
+# The large tables are written and read here as `name@engine`: pandas frames by default, Spark
+# DataFrames under `--env spark` (conf/spark/catalog.yml). Later pipelines read the same files
+# as `name@pandas` or `name@parquet`.
 def create_pipeline(**kwargs) -> Pipeline:
     nodes = Pipeline(
         [
             Node(
                 encode_interactions,
-                "interactions",
+                ["interactions", "params:ingestion.validation.behaviors"],
                 ["sorted_events", "user_ids", "item_ids", "category_ids", "behavior_ids"],
                 name="encode_interactions",
             ),
@@ -32,44 +34,39 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 count_item_frequency,
-                ["sorted_events", "item_ids", PARAMS],
+                ["positive_samples", "item_ids"],
                 "item_frequency",
                 name="count_item_frequency",
             ),
             Node(
-                index_user_items,
-                ["sorted_events", "item_ids"],
-                "user_item_keys",
-                name="index_user_items",
-            ),
-            Node(
                 add_negative_history,
-                ["sorted_events", "user_item_keys", "item_frequency", PARAMS],
-                "events@pandas",
+                ["sorted_events", "item_frequency", PARAMS],
+                "events@engine",
                 name="add_negative_history",
             ),
             Node(
                 assemble_samples,
-                ["positive_samples", "user_item_keys", "item_frequency", PARAMS],
-                ["train_samples@pandas", "validation_samples@pandas", "test_samples"],
+                ["positive_samples", "item_frequency", PARAMS],
+                ["train_samples@engine", "validation_samples@engine", "test_samples@engine"],
                 name="assemble_samples",
             ),
             Node(
                 build_cold_start_tables,
-                ["item_frequency", "train_samples@pandas"],
+                ["item_frequency", "train_samples@engine"],
                 ["cold_start_items", "cold_start_weights"],
                 name="build_cold_start_tables",
             ),
             Node(
                 describe_features,
                 [
-                    "events@pandas",
+                    "events@engine",
+                    "positive_samples",
                     "item_ids",
                     "category_ids",
                     "behavior_ids",
-                    "train_samples@pandas",
-                    "validation_samples@pandas",
-                    "test_samples",
+                    "train_samples@engine",
+                    "validation_samples@engine",
+                    "test_samples@engine",
                     "cold_start_items",
                     "cold_start_weights",
                     PARAMS,

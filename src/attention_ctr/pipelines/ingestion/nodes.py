@@ -11,7 +11,9 @@ import pyarrow.compute as pc
 
 from attention_ctr.datasets import BehaviorLogSource
 from attention_ctr.errors import InputError
+from attention_ctr.pipelines.ingestion import spark_nodes
 from attention_ctr.raw_logs import RawEvents, RawLogError
+from attention_ctr.spark_raw_logs import SparkRawEvents
 from attention_ctr.synthetic import LOG_COLUMNS, SyntheticLogConfig, generate_behavior_logs
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,8 @@ def _timestamp_bounds(params: dict) -> tuple[int, int]:
 
 def validate_behavior_logs(raw: RawEvents, params: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Split parsed rows into valid interactions and a quarantine with reasons and counts."""
+    if isinstance(raw, SparkRawEvents):
+        return spark_nodes.validate_behavior_logs(raw, params)
     frame = raw.frame
     n = len(frame)
     reason = np.zeros(n, dtype=np.int8)  # 0 = valid, else 1 + index into REASONS

@@ -1,0 +1,261 @@
+"""Feature engineering on Spark (`kedro run --env spark`): the pandas nodes' tables, for logs
+one process cannot hold.
+
+Spark does what needs the whole log: it encodes the ids, sorts the events by (user, time, log
+line) and puts each user's events, whole, into one partition of consecutive users. Each
+partition then goes through the same functions as the pandas path (`nodes.py`, by
+`mapInPandas`), told its first global row: histories, splits and negatives come from the same
+code, and negatives from a counter-based generator, so both engines write identical tables.
+Partitions are written in order, so the part files of a table, read in name order, are the
+pandas table's rows in its order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from attention_ctr.errors import InputError
+from attention_ctr.pipelines.feature_engineering import nodes as pandas_nodes
+from attention_ctr.sequences import SAMPLE_COLUMNS
+
+EVENTS_SCHEMA = "user int, item int, category int, behavior byte, timestamp long"
+BEHAVIOURS_SCHEMA = (
+    "row long, user int, item int, category int, timestamp long, hist_end long, hist_len int, "
+    "split byte, keep boolean"
+)
+SAMPLES_SCHEMA = (
+    "user int, item int, category int, label byte, timestamp long, hist_end long, "
+    "hist_len int, split byte"
+)
+
+
+def is_spark(data) -> bool:
+    """Whether `data` is a Spark DataFrame (without importing pyspark)."""
+    return type(data).__module__.startswith("pyspark.sql")
+
+
+def _per_partition(function):
+    """A mapInPandas function that calls `function` once on the whole partition: a partition
+    holds whole users, which the pandas functions need."""
+
+    def run(batches):
+        frames = [batch for batch in batches if len(batch)]
+        if frames:
+            yield function(pd.concat(frames, ignore_index=True))
+
+    return run
+
+
+def _dictionary(frame, column: str, code: str):
+    """Distinct values of `column` with codes from 1 in sorted order (pandas' factorize order:
+    numbers by value, text by code point). Ranked in one partition: these are ids, not events."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    return (
+        frame.select(column)
+        .distinct()
+        .withColumn(code, F.row_number().over(Window.orderBy(column)).cast("int"))
+    )
+
+
+def encode_interactions(interactions, behaviors: list[str]):
+    """Spark's `encode_interactions`: the events sorted by (user, time, log line) in partitions
+    of whole, consecutive users, with their global `row`; the id tables as pandas frames."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    spark = interactions.sparkSession
+    if "line" not in interactions.columns:
+        # A single file written by the pandas path: Spark reads its splits in file order.
+        interactions = interactions.withColumn("line", F.monotonically_increasing_id())
+    vocabulary = F.array(*[F.lit(str(b)) for b in behaviors])
+    users = _dictionary(interactions, "user_id", "user")
+    items = _dictionary(interactions, "item_id", "item")
+    categories = _dictionary(interactions, "category_id", "category")
+    encoded = (
+        interactions.join(F.broadcast(users), "user_id")
+        .join(F.broadcast(items), "item_id")
+        .join(F.broadcast(categories), "category_id")
+        .select(
+            "user",
+            "item",
+            "category",
+            F.array_position(vocabulary, F.col("behavior").cast("string"))
+            .cast("byte")
+            .alias("behavior"),
+            F.col("timestamp").cast("long").alias("timestamp"),
+            "line",
+        )
+    )
+    known = F.col("behavior").cast("string").isin([str(b) for b in behaviors])
+    if interactions.filter(~known).limit(1).count():
+        raise InputError(
+            "interactions hold a behaviour outside parameter ingestion.validation.behaviors "
+            f"{list(behaviors)}"
+        )
+    partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    ordered = encoded.repartitionByRange(partitions, "user").sortWithinPartitions(
+        "user", "timestamp", "line"
+    )
+    counts = ordered.groupBy("user").count().toPandas()
+    offsets = np.zeros(len(counts) + 2, dtype=np.int64)
+    offsets[counts["user"].to_numpy() + 1] = counts["count"].to_numpy()
+    offsets = np.cumsum(offsets)  # offsets[u]: the global row of user u's first event
+    first_rows = spark.sparkContext.broadcast(offsets)
+
+    def with_rows(frame: pd.DataFrame) -> pd.DataFrame:
+        row = first_rows.value[int(frame["user"].iloc[0])] + np.arange(len(frame))
+        return frame.drop(columns="line").assign(row=row)
+
+    events = ordered.mapInPandas(_per_partition(with_rows), f"{EVENTS_SCHEMA}, row long").persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+
+    first_category = events.groupBy("item").agg(F.min_by("category", "row").alias("category"))
+    item_ids = (
+        items.join(first_category, "item")
+        .select(F.col("item_id").alias("raw_id"), "item", "category")
+        .toPandas()
+        .sort_values("item", ignore_index=True)
+    )
+    user_ids = (
+        users.select(F.col("user_id").alias("raw_id"), "user")
+        .toPandas()
+        .sort_values("user", ignore_index=True)
+    )
+    category_ids = (
+        categories.select(F.col("category_id").alias("raw_id"), "category")
+        .toPandas()
+        .sort_values("category", ignore_index=True)
+    )
+    return events, user_ids, item_ids, category_ids, pandas_nodes.behavior_table(behaviors)
+
+
+def build_positive_samples(events, params: dict):
+    """Spark's `build_positive_samples`: every behaviour with its sample columns and `row`."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    def samples(frame: pd.DataFrame) -> pd.DataFrame:
+        first_row = int(frame["row"].iloc[0])
+        return pandas_nodes.behaviour_samples(frame, params, first_row).assign(
+            row=frame["row"].to_numpy()
+        )
+
+    behaviours = events.mapInPandas(_per_partition(samples), BEHAVIOURS_SCHEMA).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    eligible = F.col("split") >= 0
+    totals = behaviours.agg(
+        F.count(F.when(eligible, 1)).alias("eligible"),
+        F.count(F.when(F.col("keep") & (F.col("split") == pandas_nodes.TRAIN), 1)).alias("train"),
+    ).first()
+    if not totals["eligible"] or not totals["train"]:
+        per_user = behaviours.groupBy("user").agg(F.count("*").alias("n"), F.max("split"))
+        summary = per_user.agg(
+            F.count("*").alias("users"),
+            F.max("n").alias("most"),
+            F.count(F.when(F.col("max(split)") >= 0, 1)).alias("eligible_users"),
+        ).first()
+        pandas_nodes.check_samples(
+            int(params["min_user_events"]),
+            users=summary["users"],
+            max_user_events=summary["most"],
+            eligible_users=summary["eligible_users"],
+            train=totals["train"],
+        )
+    return behaviours
+
+
+def count_item_frequency(behaviours, item_ids: pd.DataFrame) -> pd.DataFrame:
+    """Spark's `count_item_frequency`: training behaviours per item."""
+    from pyspark.sql import functions as F
+
+    per_item = (
+        behaviours.filter(F.col("split") == pandas_nodes.TRAIN).groupBy("item").count().toPandas()
+    )
+    counts = np.zeros(len(item_ids), dtype=np.int64)
+    counts[per_item["item"].to_numpy() - 1] = per_item["count"].to_numpy()
+    return pandas_nodes.item_frequency_table(item_ids, counts)
+
+
+def add_negative_history(events, item_frequency: pd.DataFrame, params: dict):
+    """Spark's `add_negative_history`, on each partition of whole users."""
+    frequency = events.sparkSession.sparkContext.broadcast(item_frequency)
+
+    def negatives(frame: pd.DataFrame) -> pd.DataFrame:
+        first_row = int(frame["row"].iloc[0])
+        return pandas_nodes.negative_history(
+            frame.drop(columns="row"), frequency.value, params, first_row
+        )
+
+    return events.mapInPandas(
+        _per_partition(negatives), f"{EVENTS_SCHEMA}, neg_item int, neg_category int"
+    )
+
+
+def assemble_samples(behaviours, item_frequency: pd.DataFrame, params: dict):
+    """Spark's `assemble_samples`: the three splits, each in the pandas path's row order."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    frequency = behaviours.sparkSession.sparkContext.broadcast(item_frequency)
+
+    def samples(frame: pd.DataFrame) -> pd.DataFrame:
+        first_row = int(frame["row"].iloc[0])
+        return pandas_nodes.samples_with_negatives(frame, frequency.value, params, first_row)
+
+    every = behaviours.mapInPandas(_per_partition(samples), SAMPLES_SCHEMA).persist(
+        StorageLevel.DISK_ONLY
+    )
+    return tuple(
+        every.filter(F.col("split") == role).select(*SAMPLE_COLUMNS)
+        for role in (pandas_nodes.TRAIN, pandas_nodes.VALIDATION, pandas_nodes.TEST)
+    )
+
+
+def trained_items(train_samples) -> np.ndarray:
+    """The distinct items of the training samples."""
+    return train_samples.select("item").distinct().toPandas()["item"].to_numpy()
+
+
+def sample_facts(events, behaviours, splits: dict) -> dict:
+    """Spark's `sample_facts`: the counts the feature report is made of."""
+    from pyspark.sql import functions as F
+
+    event_totals = events.agg(
+        F.count("*").alias("events"),
+        F.countDistinct("user").alias("users"),
+        F.max("user").alias("max_user"),
+        F.count(F.when(F.col("neg_item") == 0, 1)).alias("not_found"),
+    ).first()
+    dropped = F.col("split") < 0
+    behaviour_totals = behaviours.agg(
+        F.countDistinct(F.when(dropped, F.col("user"))).alias("users_dropped"),
+        F.count(F.when(dropped, 1)).alias("events_of_dropped_users"),
+        F.count(F.when(~dropped, 1)).alias("eligible_events"),
+    ).first()
+    per_split = {}
+    for name, samples in splits.items():
+        totals = samples.agg(
+            F.count("*").alias("rows"),
+            F.sum("label").alias("positives"),
+            F.avg("hist_len").alias("mean"),
+        ).first()
+        per_split[name] = {
+            "rows": int(totals["rows"]),
+            "positives": int(totals["positives"] or 0),
+            "mean_history_length": float(totals["mean"] or 0.0),
+        }
+    return {
+        "events": int(event_totals["events"]),
+        "users": int(event_totals["users"]),
+        "max_user": int(event_totals["max_user"]),
+        "users_dropped": int(behaviour_totals["users_dropped"]),
+        "events_of_dropped_users": int(behaviour_totals["events_of_dropped_users"]),
+        "eligible_events": int(behaviour_totals["eligible_events"]),
+        "negative_history_not_found": int(event_totals["not_found"]),
+        "splits": per_split,
+    }

@@ -1,0 +1,137 @@
+"""Ingestion on Spark (`kedro run --env spark`): the pandas path's validation, row for row.
+
+Every row a reader gave (`attention_ctr.spark_raw_logs`) is kept or quarantined with the first
+reason it fails, in `nodes.REASONS` order, exactly as `nodes.validate_behavior_logs` does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from attention_ctr.raw_logs import RawLogError
+from attention_ctr.spark_raw_logs import SparkRawEvents
+from attention_ctr.synthetic import LOG_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+# Integer text: a sign, digits, maybe a zero fraction ("7.000" is 7).
+INTEGER = r"^[+-]?[0-9]+(\.0*)?$"
+
+
+def _integer(text):
+    """A text column as long: integer text over the whole int64 range, other numbers when
+    integral and exact as a float ("1e3"); null otherwise (the pandas `_integers` rule)."""
+    from pyspark.sql import functions as F
+
+    trimmed = F.trim(text)
+    exact = F.when(trimmed.rlike(INTEGER), F.regexp_replace(trimmed, r"\.0*$", "").try_cast("long"))
+    number = trimmed.try_cast("double")
+    integral = (F.floor(number) == number) & (F.abs(number) <= 2.0**53)
+    return F.coalesce(exact, F.when(integral, number.cast("long")))
+
+
+def validate_behavior_logs(raw: SparkRawEvents, params: dict):
+    """Spark's `validate_behavior_logs`: (interactions as a Spark DataFrame with each row's
+    raw `line`, the quarantine as a pandas frame, the report)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from attention_ctr.pipelines.ingestion.nodes import (
+        QUARANTINE_COLUMNS,
+        REASONS,
+        _timestamp_bounds,
+    )
+
+    frame = raw.frame
+    reason = F.col("verdict")
+
+    def flag(name: str, failed):
+        return F.when(reason.isNull() & failed, F.lit(name)).otherwise(reason)
+
+    missing = F.lit(False)
+    for column in LOG_COLUMNS:
+        missing = missing | F.col(column).isNull() | (F.trim(F.col(column)) == "")
+    reason = flag("missing_value", missing)
+    typed = {c: _integer(F.col(c)) for c in (*raw.numeric_ids, "timestamp")}
+    bad_type = F.lit(False)
+    for column, value in typed.items():
+        bad_type = bad_type | (F.col(column).isNotNull() & value.isNull())
+    reason = flag("bad_type", bad_type)
+    negative = F.lit(False)
+    for column in raw.numeric_ids:
+        negative = negative | F.coalesce(typed[column] < 0, F.lit(False))
+    reason = flag("negative_id", negative)
+    reason = flag(
+        "unknown_behavior", ~F.col("behavior").isin([str(b) for b in params["behaviors"]])
+    )
+    low, high = _timestamp_bounds(params)
+    timestamp = typed["timestamp"]
+    reason = flag(
+        "timestamp_out_of_range", F.coalesce((timestamp < low) | (timestamp > high), F.lit(False))
+    )
+
+    values = {c: typed.get(c, F.col(c)) for c in LOG_COLUMNS}
+    judged = frame.select(
+        "*", reason.alias("reason"), *[values[c].alias(f"_{c}") for c in LOG_COLUMNS]
+    )
+    keys = ["_user_id", "_item_id", "_behavior", "_timestamp"]
+    # Duplicates are counted among valid rows: rows already quarantined sort last.
+    first = F.row_number().over(
+        Window.partitionBy(*keys).orderBy(F.col("reason").isNotNull(), "line")
+    )
+    judged = judged.withColumn(
+        "reason",
+        F.when(F.col("reason").isNull() & (first > 1), F.lit("duplicate")).otherwise(
+            F.col("reason")
+        ),
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+
+    interactions = judged.filter(F.col("reason").isNull()).select(
+        *[F.col(f"_{c}").alias(c) for c in LOG_COLUMNS], "line"
+    )
+    quarantine = (
+        judged.filter(F.col("reason").isNotNull())
+        .select("line", "reason", *LOG_COLUMNS, "raw_text")
+        .toPandas()
+    )
+    quarantine = quarantine.astype({c: "str" for c in QUARANTINE_COLUMNS[1:]})[
+        QUARANTINE_COLUMNS
+    ].sort_values("line", kind="stable", ignore_index=True)
+    kept = interactions.agg(
+        F.count("*").alias("rows"),
+        F.countDistinct("user_id").alias("users"),
+        F.countDistinct("item_id").alias("items"),
+        F.countDistinct("category_id").alias("categories"),
+        F.min("timestamp").alias("first"),
+        F.max("timestamp").alias("last"),
+    ).first()
+    counts = quarantine["reason"].value_counts()
+    report = {
+        "source": raw.source,
+        "rows_in": int(kept["rows"]) + len(quarantine),
+        "rows_kept": int(kept["rows"]),
+        "rows_quarantined": len(quarantine),
+        "quarantined_by_reason": {r: int(counts.get(r, 0)) for r in REASONS},
+        "users": int(kept["users"]),
+        "items": int(kept["items"]),
+        "categories": int(kept["categories"]),
+        "first_timestamp": None if kept["first"] is None else int(kept["first"]),
+        "last_timestamp": None if kept["last"] is None else int(kept["last"]),
+    }
+    logger.info(
+        "Ingested %s on Spark: %d rows in, %d kept, %d quarantined %s",
+        raw.source,
+        report["rows_in"],
+        report["rows_kept"],
+        report["rows_quarantined"],
+        {r: c for r, c in report["quarantined_by_reason"].items() if c},
+    )
+    if not report["rows_kept"]:
+        found = {r: c for r, c in report["quarantined_by_reason"].items() if c}
+        utf8 = " UTF-8 text" if found.get("bad_encoding") else ""
+        raise RawLogError(
+            f"No valid rows in raw log {raw.source}: all {report['rows_in']} were quarantined "
+            f"{found}; {raw.hint or 'expected rows of the log format'}{utf8}"
+        )
+    return interactions, quarantine, report
