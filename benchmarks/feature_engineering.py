@@ -1,13 +1,20 @@
 """Benchmark: ingestion + feature engineering on N synthetic events, through the real pipelines.
 
-    python benchmarks/feature_engineering.py                 # 10 M events
+    python benchmarks/feature_engineering.py                 # pandas, 10 M events
     python benchmarks/feature_engineering.py --events 1000000
+    python benchmarks/feature_engineering.py --engine spark --events 100000000
 
-Runs `kedro run --pipeline ingestion` and `--pipeline feature_engineering` in one session on a
-temporary copy of the project (so the project's own data/ is untouched) and prints wall time,
-events per second, peak RSS and the time of every node. Target on a 2-core machine:
-10 M events in <= 60 s with <= 4 GB peak RSS. What it prints is also written to
-benchmarks/results/feature_engineering.md, under the command, date and machine.
+Runs `kedro run --pipeline ingestion` and `--pipeline feature_engineering` on a temporary copy
+of the project (so the project's own data/ is untouched) and prints wall time, events per
+second, peak memory and the time of every node. Targets on a 2-core machine: pandas, 10 M
+events in <= 60 s with <= 4 GB peak RSS; Spark (`--env spark`), 100 M events in <= 30 min
+within 16 GB, and 10 M within 2x of pandas.
+
+With `--engine spark` the log is generated first (the pandas generator, timed apart), then
+Spark validates it and builds the features; before that, pandas and Spark both run on
+`--compare-events` events (10 M), so one run gives both comparisons. Peak memory is sampled:
+this process plus its children (the Spark JVM, its Python workers). What it prints is also
+written to benchmarks/results/feature_engineering.md, under the command, date and machine.
 """
 
 from __future__ import annotations
@@ -15,13 +22,14 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
 from _common import PROJECT_ROOT, RESULTS, quiet_kedro_logging, recorded
 
 
@@ -44,6 +52,140 @@ class NodeTimer(logging.Handler):
             self.last = now
 
 
+# The project's generator holds a whole log in memory (about 2 GB per 10 M events): larger
+# logs are written as independent logs of this many events, each of its own users.
+CHUNK_EVENTS = 10_000_000
+
+
+def write_log_in_chunks(project: Path, params: dict) -> None:
+    """The synthetic log of `params` as `events / CHUNK_EVENTS` seeded logs of as many users,
+    sharing the item and category space, appended to the CSV the pipeline reads."""
+    from attention_ctr.raw_logs import write_taobao
+    from attention_ctr.synthetic import SyntheticLogConfig, generate_behavior_logs
+
+    events, users = params["ingestion.synthetic.events"], params["ingestion.synthetic.users"]
+    chunks = -(-events // CHUNK_EVENTS)
+    path = project / "data" / "01_raw" / "synthetic" / "UserBehavior.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as log:
+        for chunk in range(chunks):
+            config = SyntheticLogConfig(
+                users=users // chunks,
+                items=params["ingestion.synthetic.items"],
+                categories=params["ingestion.synthetic.categories"],
+                events=events // chunks,
+                seed=42 + chunk,
+            )
+            frame = generate_behavior_logs(config)
+            frame["user_id"] += chunk * 3 * config.users  # raw user ids lie below 3 * users
+            part = path.with_suffix(f".part{chunk}")
+            write_taobao(frame, part)
+            del frame
+            log.write(part.read_bytes())
+            part.unlink()
+
+
+class MemorySampler:
+    """Peak resident memory of this process and all its descendants (the Spark JVM and its
+    Python workers), sampled every 0.2 s; `reset()` starts a new phase."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _current(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, self._current())
+
+    def reset(self) -> None:
+        self.peak = self._current()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_once(
+    project: Path, engine: str, events: int, args, timer: NodeTimer, memory: MemorySampler
+) -> dict:
+    """Ingestion and feature engineering on `events` synthetic events; timings and peaks."""
+    from sandbox import run_pipeline
+
+    users = args.users or max(1, events // 100)
+    items = args.items or max(10, events // 25)
+    categories = args.categories or max(1, items // 100)
+    params = {
+        "ingestion.synthetic.events": events,
+        "ingestion.synthetic.users": users,
+        "ingestion.synthetic.items": items,
+        "ingestion.synthetic.categories": categories,
+    }
+    for layer in (project / "data").iterdir():  # a clean start: the last run's files go
+        shutil.rmtree(layer)
+        layer.mkdir()
+    timer.durations = []
+    result = {"engine": engine, "events": events, "users": users, "items": items}
+    result["categories"] = categories
+    memory.reset()
+    start = time.perf_counter()
+    if engine == "pandas":
+        run_pipeline(project, "ingestion", params)
+        result["ingestion"] = time.perf_counter() - start
+        run_pipeline(project, "feature_engineering", params)
+    else:
+        # The log exists before Spark starts: generated here, then read by Spark.
+        if events > CHUNK_EVENTS:
+            write_log_in_chunks(project, params)
+        else:
+            run_pipeline(
+                project, "ingestion", params, node_names=["ingestion.generate_synthetic_logs"]
+            )
+        result["generation"] = time.perf_counter() - start
+        result["generation_peak"] = memory.peak
+        memory.reset()
+        start = time.perf_counter()
+        run_pipeline(
+            project,
+            params=params,
+            env="spark",
+            pipelines=["ingestion", "feature_engineering"],
+            from_nodes=["ingestion.read_behavior_logs"],
+        )
+    result["total"] = time.perf_counter() - start
+    result["peak"] = memory.peak
+    result["nodes"] = list(timer.durations)
+    return result
+
+
+def report(result: dict) -> None:
+    print(
+        f"\n{result['engine']}: {result['events']:,} events ({result['users']:,} users, "
+        f"{result['items']:,} items, {result['categories']:,} categories)"
+    )
+    if "generation" in result:
+        print(
+            f"  generate the log (pandas)  {result['generation']:8.1f} s   peak "
+            f"{result['generation_peak'] / 1024**3:6.2f} GB   (not in the total)"
+        )
+    total = result["total"]
+    print(f"  total                      {total:8.1f} s   {result['events'] / total:,.0f} events/s")
+    print(f"  peak memory                {result['peak'] / 1024**3:8.2f} GB (with children)")
+    print("  per node (incl. its loads and saves):")
+    for name, seconds in result["nodes"]:
+        print(f"    {name:44s} {seconds:8.2f} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000_000)
@@ -53,52 +195,42 @@ def main() -> int:
     parser.add_argument(
         "--keep", type=Path, help="keep the project copy here instead of a temp dir"
     )
+    parser.add_argument("--engine", choices=("pandas", "spark"), default="pandas")
+    parser.add_argument(
+        "--compare-events",
+        type=int,
+        default=10_000_000,
+        help="with --engine spark: first run pandas and Spark on this many events (0: skip)",
+    )
     args = parser.parse_args()
 
-    users = args.users or max(1, args.events // 100)
-    items = args.items or max(10, args.events // 25)
-    categories = args.categories or max(1, items // 100)
-    params = {
-        "ingestion.synthetic.events": args.events,
-        "ingestion.synthetic.users": users,
-        "ingestion.synthetic.items": items,
-        "ingestion.synthetic.categories": categories,
-    }
-
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="fe-bench-"))
     # Quiet console (warnings only); node timings still flow to the timer below. The config
     # names no `kedro` logger: applying one would strip the handlers of its children
     # (logging.config clears a configured logger's existing children), the timer's included.
     quiet_kedro_logging()
-    # Kedro reads KEDRO_LOGGING_CONFIG when it is first imported: only after it is set
-    from sandbox import make_project_copy, run_pipeline
-
-    project = make_project_copy(workdir / "project", source=PROJECT_ROOT)
     timer = NodeTimer()
     logging.getLogger("kedro.runner").addHandler(timer)
-    try:
-        start = time.perf_counter()
-        run_pipeline(project, "ingestion", params)
-        ingestion_done = time.perf_counter()
-        run_pipeline(project, "feature_engineering", params)
-        done = time.perf_counter()
-    finally:
-        if args.keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    memory = MemorySampler()
+    # One project copy for every run: Kedro imports the project's package once per process.
+    from sandbox import make_project_copy
 
-    total = done - start
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB
-    print(
-        f"\nevents            {args.events:,} ({users:,} users, {items:,} items, "
-        f"{categories:,} categories)"
-    )
-    print(f"ingestion         {ingestion_done - start:8.1f} s")
-    print(f"feature eng.      {done - ingestion_done:8.1f} s")
-    print(f"total             {total:8.1f} s   {args.events / total:,.0f} events/s")
-    print(f"peak RSS          {peak_gb:8.2f} GB")
-    print("per node (incl. its loads and saves):")
-    for name, seconds in timer.durations:
-        print(f"  {name:44s} {seconds:7.2f} s")
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="fe-bench-"))
+    project = make_project_copy(workdir / "project", source=PROJECT_ROOT)
+    results = []
+    if args.engine == "spark" and args.compare_events:
+        for engine in ("pandas", "spark"):
+            results.append(run_once(project, engine, args.compare_events, args, timer, memory))
+            report(results[-1])
+        pandas, spark = results
+        print(
+            f"\nSpark / pandas at {args.compare_events:,} events: "
+            f"{spark['total'] / pandas['total']:.2f}x the wall time"
+        )
+    results.append(run_once(project, args.engine, args.events, args, timer, memory))
+    report(results[-1])
+    memory.stop()
+    if args.keep is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

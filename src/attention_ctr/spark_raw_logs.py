@@ -71,20 +71,32 @@ def read_taobao(path: str) -> SparkRawEvents:
     lines = lines.filter(F.col("value") != "")  # the CSV parser skips empty lines too
     if skip_header:
         lines = lines.filter(F.col("line") != leading_empty + 1)
-    text = F.regexp_replace(F.col("value"), "\u0000", "\ufffd")
+    # One step per select: a column used several times is computed once (Spark does not
+    # inline an expensive expression its next step uses more than once).
+    text = lines.select("line", F.regexp_replace("value", "\u0000", "\ufffd").alias("text"))
     # Fields are counted with quoted values (which may hold commas) taken as one.
-    fields = F.size(F.split(F.regexp_replace(text, '"([^"]|"")*"', "q"), ","))
-    parsed = F.from_csv(text, ", ".join(f"{c} string" for c in LOG_COLUMNS))
-    verdict = (
-        F.when(text.contains("\ufffd"), F.lit("bad_encoding"))
-        .when(fields != len(TAOBAO_COLUMNS), F.lit("malformed_row"))
-        .otherwise(F.lit(None).cast("string"))
-    )
-    frame = lines.select(
+    fields = F.size(F.split(F.regexp_replace("text", '"([^"]|"")*"', "q"), ","))
+    judged = text.select(
         "line",
-        *[F.when(verdict.isNull(), parsed[column]).alias(column) for column in LOG_COLUMNS],
-        verdict.alias("verdict"),
-        F.when(verdict.isNotNull(), text).alias("raw_text"),
+        "text",
+        F.when(F.col("text").contains("\ufffd"), F.lit("bad_encoding"))
+        .when(fields != len(TAOBAO_COLUMNS), F.lit("malformed_row"))
+        .alias("verdict"),
+    )
+    parsed = judged.select(
+        "line",
+        "text",
+        "verdict",
+        F.when(
+            F.col("verdict").isNull(),
+            F.from_csv("text", ", ".join(f"{c} string" for c in LOG_COLUMNS)),
+        ).alias("fields"),
+    )
+    frame = parsed.select(
+        "line",
+        *[F.col("fields")[column].alias(column) for column in LOG_COLUMNS],
+        "verdict",
+        F.when(F.col("verdict").isNotNull(), F.col("text")).alias("raw_text"),
     )
     return SparkRawEvents(frame, path, ("user_id", "item_id", "category_id"), _hint(TAOBAO_COLUMNS))
 

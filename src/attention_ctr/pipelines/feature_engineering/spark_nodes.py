@@ -71,9 +71,10 @@ def encode_interactions(interactions, behaviors: list[str]):
         # A single file written by the pandas path: Spark reads its splits in file order.
         interactions = interactions.withColumn("line", F.monotonically_increasing_id())
     vocabulary = F.array(*[F.lit(str(b)) for b in behaviors])
-    users = _dictionary(interactions, "user_id", "user")
-    items = _dictionary(interactions, "item_id", "item")
-    categories = _dictionary(interactions, "category_id", "category")
+    # Small tables, each used twice (joined, then collected): computed once.
+    users = _dictionary(interactions, "user_id", "user").persist()
+    items = _dictionary(interactions, "item_id", "item").persist()
+    categories = _dictionary(interactions, "category_id", "category").persist()
     encoded = (
         interactions.join(F.broadcast(users), "user_id")
         .join(F.broadcast(items), "item_id")
@@ -95,11 +96,10 @@ def encode_interactions(interactions, behaviors: list[str]):
             "interactions hold a behaviour outside parameter ingestion.validation.behaviors "
             f"{list(behaviors)}"
         )
-    partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
-    ordered = encoded.repartitionByRange(partitions, "user").sortWithinPartitions(
-        "user", "timestamp", "line"
-    )
-    counts = ordered.groupBy("user").count().toPandas()
+    # spark.sql.shuffle.partitions ranges, which adaptive execution merges (neighbours only,
+    # so the order holds) up to spark.sql.adaptive.advisoryPartitionSizeInBytes each.
+    ordered = encoded.repartitionByRange("user").sortWithinPartitions("user", "timestamp", "line")
+    counts = encoded.groupBy("user").count().toPandas()
     offsets = np.zeros(len(counts) + 2, dtype=np.int64)
     offsets[counts["user"].to_numpy() + 1] = counts["count"].to_numpy()
     offsets = np.cumsum(offsets)  # offsets[u]: the global row of user u's first event

@@ -43,38 +43,38 @@ def validate_behavior_logs(raw: SparkRawEvents, params: dict):
         _timestamp_bounds,
     )
 
-    frame = raw.frame
-    reason = F.col("verdict")
-
-    def flag(name: str, failed):
-        return F.when(reason.isNull() & failed, F.lit(name)).otherwise(reason)
-
+    # Typed values first, in their own step, so each is parsed once.
+    typed_columns = (*raw.numeric_ids, "timestamp")
+    frame = raw.frame.select(
+        "*",
+        *[
+            (_integer(F.col(c)) if c in typed_columns else F.col(c)).alias(f"_{c}")
+            for c in LOG_COLUMNS
+        ],
+    )
     missing = F.lit(False)
     for column in LOG_COLUMNS:
         missing = missing | F.col(column).isNull() | (F.trim(F.col(column)) == "")
-    reason = flag("missing_value", missing)
-    typed = {c: _integer(F.col(c)) for c in (*raw.numeric_ids, "timestamp")}
     bad_type = F.lit(False)
-    for column, value in typed.items():
-        bad_type = bad_type | (F.col(column).isNotNull() & value.isNull())
-    reason = flag("bad_type", bad_type)
+    for column in typed_columns:
+        bad_type = bad_type | (F.col(column).isNotNull() & F.col(f"_{column}").isNull())
     negative = F.lit(False)
     for column in raw.numeric_ids:
-        negative = negative | F.coalesce(typed[column] < 0, F.lit(False))
-    reason = flag("negative_id", negative)
-    reason = flag(
-        "unknown_behavior", ~F.col("behavior").isin([str(b) for b in params["behaviors"]])
-    )
+        negative = negative | F.coalesce(F.col(f"_{column}") < 0, F.lit(False))
+    allowed = [str(b) for b in params["behaviors"]]
     low, high = _timestamp_bounds(params)
-    timestamp = typed["timestamp"]
-    reason = flag(
-        "timestamp_out_of_range", F.coalesce((timestamp < low) | (timestamp > high), F.lit(False))
+    timestamp = F.col("_timestamp")
+    out_of_range = F.coalesce((timestamp < low) | (timestamp > high), F.lit(False))
+    # The first reason that holds, in REASONS order (the reader's own verdict first).
+    reason = (
+        F.when(F.col("verdict").isNotNull(), F.col("verdict"))
+        .when(missing, F.lit("missing_value"))
+        .when(bad_type, F.lit("bad_type"))
+        .when(negative, F.lit("negative_id"))
+        .when(~F.col("behavior").isin(allowed), F.lit("unknown_behavior"))
+        .when(out_of_range, F.lit("timestamp_out_of_range"))
     )
-
-    values = {c: typed.get(c, F.col(c)) for c in LOG_COLUMNS}
-    judged = frame.select(
-        "*", reason.alias("reason"), *[values[c].alias(f"_{c}") for c in LOG_COLUMNS]
-    )
+    judged = frame.withColumn("reason", reason)
     keys = ["_user_id", "_item_id", "_behavior", "_timestamp"]
     # Duplicates are counted among valid rows: rows already quarantined sort last.
     first = F.row_number().over(
