@@ -134,3 +134,61 @@ def test_spark_writes_the_pandas_tables_for_movielens(tmp_path, shared_data):
     expected, actual = _run_both(project, {}, "movielens", env)
     assert expected["feature_engineering/feature_report.json"]["events"] > 90_000
     _assert_identical(expected, actual, project)
+
+
+# One line per reason, and the cases the parsers must agree on (quotes, spaces, fractions).
+BAD_LOG = b"""user,item,category,behavior,timestamp
+1,10,100,pv,1511661584
+1,10,100,pv,1511661584
+2,11,100,"pv",1511661585
+
+3,12,100,pv
+4,13,,pv,1511661586
+5,x14,100,pv,1511661587
+-6,15,100,pv,1511661588
+7,16,100,click,1511661589
+8,17,100,pv,99
+9,18,100,pv,1511661590.000
+10,1e3,100,pv,1511661591
+11,19,100,buy,1511661592,extra
+ 12 ,20,100,pv,1511661593
+13,21,-x,pv,1511661594
+13,21,100,pv,1511661594
+14,22,100,\xff\xfe,1511661595
+15,23,100,cart,99999999999999999999
+16,24,100,fav,1511661596
+"""
+
+
+def test_spark_judges_bad_rows_as_pandas_does(tmp_path):
+    from pyspark.sql import SparkSession
+
+    from attention_ctr import spark_raw_logs
+    from attention_ctr.pipelines.ingestion import nodes, spark_nodes
+    from attention_ctr.raw_logs import read_taobao
+
+    path = tmp_path / "UserBehavior.csv"
+    path.write_bytes(BAD_LOG * 40)  # several file splits below
+    params = {"behaviors": ["pv", "cart", "fav", "buy"], "min_timestamp": "1990-01-01"}
+    params["max_timestamp"] = None
+    builder = SparkSession.builder.master("local[2]")
+    for key, value in {**SPARK_TEST_SETTINGS, "spark.sql.files.maxPartitionBytes": 2048}.items():
+        builder = builder.config(key, str(value))
+    builder.getOrCreate()
+
+    expected, expected_quarantine, expected_report = nodes.validate_behavior_logs(
+        read_taobao(path), params
+    )
+    raw = spark_raw_logs.read_taobao(str(path))
+    assert raw.frame.rdd.getNumPartitions() > 1
+    interactions, quarantine, report = spark_nodes.validate_behavior_logs(raw, params)
+
+    assert report == expected_report
+    assert expected_report["rows_quarantined"] > 12 * 40  # every reason, every copy
+    pd.testing.assert_frame_equal(
+        quarantine[["line", "reason"]], expected_quarantine[["line", "reason"]]
+    )
+    kept = interactions.toPandas().sort_values("line", ignore_index=True).drop(columns="line")
+    pd.testing.assert_frame_equal(
+        kept.astype(str), expected.astype(str), check_dtype=False, check_categorical=False
+    )

@@ -184,6 +184,7 @@ def _worker(
     """One rank: join the group, train on this rank's shard; return its parameters'
     fingerprint, and on each machine's local rank 0 rank 0's state and history (broadcast, so
     every machine's catalog gets rank 0's model, buffers included)."""
+    from attention_ctr.datasets.parquet_table_dataset import ParquetTable
     from attention_ctr.sequences import SampleTensors
     from attention_ctr.training import fit, seed_everything
 
@@ -203,14 +204,15 @@ def _worker(
             logging.basicConfig(level=logging.INFO, format="%(asctime)s rank 0: %(message)s")
         seed_everything(config.seed + rank)  # dropout: a different stream per rank
         saved = torch.load(Path(folder) / "model.pt", weights_only=False)
-        events = pd.read_parquet(paths["events"])
-        train = pd.read_parquet(paths["train_samples"])
+        # ParquetTable: a file, or Spark's part files in row order (`hist_end` points by row)
+        events = ParquetTable(paths["events"]).read()
+        train = ParquetTable(paths["train_samples"]).read()
         rows = shard_rows(len(train), rank, world_size, config.seed)
         shard = train.iloc[rows].reset_index(drop=True)
         train_tensors = SampleTensors(shard, events, feature_spec, device)
         validation = None
         if rank == 0:
-            validation_samples = pd.read_parquet(paths["validation_samples"])
+            validation_samples = ParquetTable(paths["validation_samples"]).read()
             validation = SampleTensors(validation_samples, events, feature_spec, device)
         model, history = fit(
             saved["model"],

@@ -68,9 +68,9 @@ def read_taobao(path: str) -> SparkRawEvents:
             f"expected {len(TAOBAO_COLUMNS)}: {','.join(TAOBAO_COLUMNS)}"
         )
     lines = _line_numbers(_spark().read.text(path))
-    lines = lines.filter(F.col("value") != "")  # the CSV parser skips empty lines too
-    if skip_header:
-        lines = lines.filter(F.col("line") != leading_empty + 1)
+    # Empty lines before the first row are skipped; later ones are rows (missing values), as
+    # the pandas reader has them.
+    lines = lines.filter(F.col("line") > leading_empty + int(skip_header))
     # One step per select: a column used several times is computed once (Spark does not
     # inline an expensive expression its next step uses more than once).
     text = lines.select("line", F.regexp_replace("value", "\u0000", "\ufffd").alias("text"))
@@ -80,7 +80,7 @@ def read_taobao(path: str) -> SparkRawEvents:
         "line",
         "text",
         F.when(F.col("text").contains("\ufffd"), F.lit("bad_encoding"))
-        .when(fields != len(TAOBAO_COLUMNS), F.lit("malformed_row"))
+        .when((F.col("text") != "") & (fields != len(TAOBAO_COLUMNS)), F.lit("malformed_row"))
         .alias("verdict"),
     )
     parsed = judged.select(

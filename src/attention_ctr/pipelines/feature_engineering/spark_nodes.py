@@ -75,9 +75,10 @@ def encode_interactions(interactions, behaviors: list[str]):
     users = _dictionary(interactions, "user_id", "user").persist()
     items = _dictionary(interactions, "item_id", "item").persist()
     categories = _dictionary(interactions, "category_id", "category").persist()
+    # Spark picks each join: a dictionary of millions of ids is too large to broadcast.
     encoded = (
-        interactions.join(F.broadcast(users), "user_id")
-        .join(F.broadcast(items), "item_id")
+        interactions.join(users, "user_id")
+        .join(items, "item_id")
         .join(F.broadcast(categories), "category_id")
         .select(
             "user",
