@@ -57,9 +57,12 @@ def spark_available():
     require(_java(), "Java is not installed (apt-get install openjdk-17-jre-headless)")
 
 
-def _spark_env(project: Path, name: str, base_env: str | None = None) -> str:
+def _spark_env(
+    project: Path, name: str, base_env: str | None = None, settings: dict = SPARK_TEST_SETTINGS
+) -> str:
     """An environment `name`: `base_env`'s files (if any) plus conf/spark's catalog and
-    session, its raw log read by Spark; what docs/spark.md tells users to do for their own."""
+    session (with `settings` over spark.yml's), its raw log read by Spark; what docs/spark.md
+    tells users to do for their own."""
     conf = project / "conf"
     target = conf / name
     if base_env:
@@ -73,8 +76,8 @@ def _spark_env(project: Path, name: str, base_env: str | None = None) -> str:
         catalog["raw_behavior_logs"]["engine"] = "spark"
     catalog.update(spark_catalog)
     (target / "catalog.yml").write_text(yaml.safe_dump(catalog))
-    settings = yaml.safe_load((conf / "spark" / "spark.yml").read_text())
-    (target / "spark.yml").write_text(yaml.safe_dump({**settings, **SPARK_TEST_SETTINGS}))
+    shipped = yaml.safe_load((conf / "spark" / "spark.yml").read_text())
+    (target / "spark.yml").write_text(yaml.safe_dump({**shipped, **settings}))
     return name
 
 
@@ -106,22 +109,22 @@ def _run_both(project: Path, params: dict, pandas_env: str | None, spark_env: st
     return expected, _outputs(project)
 
 
-def _assert_identical(expected: dict, actual: dict, project: Path) -> None:
+def _assert_identical(expected: dict, actual: dict) -> None:
     for name, table in expected.items():
         if isinstance(table, pd.DataFrame):
             pd.testing.assert_frame_equal(actual[name], table, check_exact=True, obj=name)
         else:
             assert actual[name] == table, name
-    # Spark wrote directories of several part files, read back in order.
-    for name in LARGE_TABLES:
-        assert len(parquet_parts(project / "data" / "05_model_input" / f"{name}.parquet")) > 1
 
 
 def test_spark_writes_the_pandas_tables_for_the_synthetic_log(tmp_path):
     project = make_project_copy(tmp_path / "project", source=PROJECT_ROOT)
     env = _spark_env(project, "spark_test")
     expected, actual = _run_both(project, SMALL_SYNTHETIC, None, env)
-    _assert_identical(expected, actual, project)
+    _assert_identical(expected, actual)
+    # Spark wrote directories of several part files, read back in order.
+    for name in LARGE_TABLES:
+        assert len(parquet_parts(project / "data" / "05_model_input" / f"{name}.parquet")) > 1
 
 
 def test_spark_writes_the_pandas_tables_for_movielens(tmp_path, shared_data):
@@ -130,10 +133,13 @@ def test_spark_writes_the_pandas_tables_for_movielens(tmp_path, shared_data):
     folder.mkdir(parents=True)
     for name in ("ratings.csv", "movies.csv"):
         shutil.copy(shared_data / "movielens-latest-small" / name, folder / name)
-    env = _spark_env(project, "movielens_spark", base_env="movielens")
+    # The shipped settings: adaptive execution merges the ranges as it would for users.
+    env = _spark_env(
+        project, "movielens_spark", base_env="movielens", settings={"spark.driver.memory": "2g"}
+    )
     expected, actual = _run_both(project, {}, "movielens", env)
     assert expected["feature_engineering/feature_report.json"]["events"] > 90_000
-    _assert_identical(expected, actual, project)
+    _assert_identical(expected, actual)
 
 
 # One line per reason, and the cases the parsers must agree on (quotes, spaces, fractions).
@@ -157,6 +163,9 @@ BAD_LOG = b"""user,item,category,behavior,timestamp
 14,22,100,\xff\xfe,1511661595
 15,23,100,cart,99999999999999999999
 16,24,100,fav,1511661596
+17,25,100,pv,12d
+18,\t,100,pv,1511661597
+19,26\xc2\xa0,100,pv,1511661598
 """
 
 
@@ -168,7 +177,7 @@ def test_spark_judges_bad_rows_as_pandas_does(tmp_path):
     from attention_ctr.raw_logs import read_taobao
 
     path = tmp_path / "UserBehavior.csv"
-    path.write_bytes(BAD_LOG * 40)  # several file splits below
+    path.write_bytes(b"\xef\xbb\xbf" + BAD_LOG * 40)  # a byte-order mark; several file splits
     params = {"behaviors": ["pv", "cart", "fav", "buy"], "min_timestamp": "1990-01-01"}
     params["max_timestamp"] = None
     builder = SparkSession.builder.master("local[2]")

@@ -51,6 +51,12 @@ class SparkHooks:
         builder = SparkSession.builder.appName(context.project_path.name)
         master = settings.pop("spark.master", "local[*]")
         session = builder.master(master).config(conf=SparkConf().setAll(settings.items()))
-        spark = session.getOrCreate()
-        spark.sparkContext.setLogLevel("WARN")
-        logger.info("Spark %s session on %s", spark.version, master)
+        self._spark = session.getOrCreate()
+        self._spark.sparkContext.setLogLevel("WARN")
+        logger.info("Spark %s session on %s", self._spark.version, master)
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        """Feature engineering caches its large tables; training does not need them."""
+        if getattr(self, "_spark", None) is not None:
+            self._spark.catalog.clearCache()

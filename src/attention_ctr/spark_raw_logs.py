@@ -73,7 +73,10 @@ def read_taobao(path: str) -> SparkRawEvents:
     lines = lines.filter(F.col("line") > leading_empty + int(skip_header))
     # One step per select: a column used several times is computed once (Spark does not
     # inline an expensive expression its next step uses more than once).
-    text = lines.select("line", F.regexp_replace("value", "\u0000", "\ufffd").alias("text"))
+    value = F.when(F.col("line") == 1, F.regexp_replace("value", "^\ufeff", "")).otherwise(
+        F.col("value")
+    )  # a byte-order mark, which the pandas reader skips too
+    text = lines.select("line", F.regexp_replace(value, "\u0000", "\ufffd").alias("text"))
     # Fields are counted with quoted values (which may hold commas) taken as one.
     fields = F.size(F.split(F.regexp_replace("text", '"([^"]|"")*"', "q"), ","))
     judged = text.select(

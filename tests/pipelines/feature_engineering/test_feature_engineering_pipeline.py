@@ -124,7 +124,8 @@ def test_mixed_negatives_draw_their_share_by_popularity(share):
     )
     pick = _sampler(frequency, {"distribution": "mixed", "popularity_share": share})
     rng = np.random.default_rng(0)
-    drawn = pick(rng.random(20_000), rng.random(20_000))
+    choices = rng.random(20_000)
+    drawn = pick(rng.random(20_000), lambda: choices)
     uniform_ones = (1 - share) / 100
     assert np.mean(drawn == 1) == pytest.approx(share + uniform_ones, abs=0.01)
     with pytest.raises(ValueError, match="popularity_share"):

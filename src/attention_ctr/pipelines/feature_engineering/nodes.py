@@ -209,8 +209,9 @@ def item_frequency_table(item_ids: pd.DataFrame, counts: np.ndarray) -> pd.DataF
 
 
 def _sampler(item_frequency: pd.DataFrame, sampling: dict):
-    """`pick(u, v)`: encoded item ids drawn uniformly, by training frequency, or a mix of the
-    two, from uniform numbers `u` (which item) and `v` (which distribution, for `mixed`).
+    """`pick(u, choice)`: encoded item ids drawn uniformly, by training frequency, or a mix of
+    the two, from uniform numbers `u` (which item) and, for `mixed` only, `choice()` (which
+    distribution).
 
     `mixed` draws each negative by popularity with probability `popularity_share`, else
     uniformly: uniform negatives teach what an item is worth by itself, popularity negatives
@@ -224,7 +225,7 @@ def _sampler(item_frequency: pd.DataFrame, sampling: dict):
         return items[np.minimum((u * len(items)).astype(np.int64), len(items) - 1)]
 
     if distribution == "uniform":
-        return lambda u, v: uniform(u)
+        return lambda u, choice: uniform(u)
     if distribution not in ("popularity", "mixed"):
         raise ValueError(
             f"Parameter feature_engineering.negative_sampling.distribution is {distribution!r}; "
@@ -242,14 +243,14 @@ def _sampler(item_frequency: pd.DataFrame, sampling: dict):
         return items[np.minimum(np.searchsorted(cdf, u, side="right"), len(items) - 1)]
 
     if distribution == "popularity":
-        return lambda u, v: popular(u)
+        return lambda u, choice: popular(u)
     share = float(sampling.get("popularity_share", 0.5))
     if not 0.0 <= share <= 1.0:
         raise ValueError(
             f"Parameter feature_engineering.negative_sampling.popularity_share is {share}; "
             "expected a share between 0 and 1"
         )
-    return lambda u, v: np.where(v < share, popular(u), uniform(u))
+    return lambda u, choice: np.where(choice() < share, popular(u), uniform(u))
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -306,7 +307,7 @@ def draw_unseen(
         counter = counters[pending]
         candidates = pick(
             counter_uniforms(counter, *stream, round_, 0),
-            counter_uniforms(counter, *stream, round_, 1),
+            lambda: counter_uniforms(counter, *stream, round_, 1),  # noqa: B023 - called now
         )
         keys = users[pending].astype(np.int64) * stride + candidates
         hit = np.searchsorted(seen_keys, keys)

@@ -100,8 +100,15 @@ def encode_interactions(interactions, behaviors: list[str]):
     # spark.sql.shuffle.partitions ranges, which adaptive execution merges (neighbours only,
     # so the order holds) up to spark.sql.adaptive.advisoryPartitionSizeInBytes each.
     ordered = encoded.repartitionByRange("user").sortWithinPartitions("user", "timestamp", "line")
-    counts = encoded.groupBy("user").count().toPandas()
-    offsets = np.zeros(len(counts) + 2, dtype=np.int64)
+    user_ids = (
+        users.select(F.col("user_id").alias("raw_id"), "user")
+        .toPandas()
+        .sort_values("user", ignore_index=True)
+    )
+    # Events per user, counted by raw id (no second pass through the joins).
+    counts = interactions.groupBy("user_id").count().toPandas()
+    counts = counts.merge(user_ids, left_on="user_id", right_on="raw_id")
+    offsets = np.zeros(len(user_ids) + 2, dtype=np.int64)
     offsets[counts["user"].to_numpy() + 1] = counts["count"].to_numpy()
     offsets = np.cumsum(offsets)  # offsets[u]: the global row of user u's first event
     first_rows = spark.sparkContext.broadcast(offsets)
@@ -120,11 +127,6 @@ def encode_interactions(interactions, behaviors: list[str]):
         .select(F.col("item_id").alias("raw_id"), "item", "category")
         .toPandas()
         .sort_values("item", ignore_index=True)
-    )
-    user_ids = (
-        users.select(F.col("user_id").alias("raw_id"), "user")
-        .toPandas()
-        .sort_values("user", ignore_index=True)
     )
     category_ids = (
         categories.select(F.col("category_id").alias("raw_id"), "category")

@@ -16,6 +16,16 @@ logger = logging.getLogger(__name__)
 
 # Integer text: a sign, digits, maybe a zero fraction ("7.000" is 7).
 INTEGER = r"^[+-]?[0-9]+(\.0*)?$"
+# What pandas' to_numeric reads as a finite number (Java's parser also takes "12d", "0x1p4").
+DECIMAL = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+# What Python's str.strip() strips (Unicode whitespace); Spark's trim() takes only spaces.
+WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+
+
+def _strip(text):
+    from pyspark.sql import functions as F
+
+    return F.btrim(text, F.lit(WHITESPACE))
 
 
 def _integer(text):
@@ -23,9 +33,9 @@ def _integer(text):
     integral and exact as a float ("1e3"); null otherwise (the pandas `_integers` rule)."""
     from pyspark.sql import functions as F
 
-    trimmed = F.trim(text)
+    trimmed = _strip(text)
     exact = F.when(trimmed.rlike(INTEGER), F.regexp_replace(trimmed, r"\.0*$", "").try_cast("long"))
-    number = trimmed.try_cast("double")
+    number = F.when(trimmed.rlike(DECIMAL), trimmed.try_cast("double"))
     exact_float = F.when(F.abs(number) <= 2.0**53, number)  # NaN and infinities fail too
     integral = F.floor(exact_float) == exact_float
     return F.coalesce(exact, F.when(integral, exact_float.cast("long")))
@@ -55,7 +65,7 @@ def validate_behavior_logs(raw: SparkRawEvents, params: dict):
     )
     missing = F.lit(False)
     for column in LOG_COLUMNS:
-        missing = missing | F.col(column).isNull() | (F.trim(F.col(column)) == "")
+        missing = missing | F.col(column).isNull() | (_strip(F.col(column)) == "")
     bad_type = F.lit(False)
     for column in typed_columns:
         bad_type = bad_type | (F.col(column).isNotNull() & F.col(f"_{column}").isNull())
