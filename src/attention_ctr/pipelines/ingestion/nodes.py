@@ -208,19 +208,25 @@ def validate_behavior_logs(raw: RawEvents, params: dict) -> tuple[pd.DataFrame, 
         "last_timestamp": int(interactions["timestamp"].max()) if len(interactions) else None,
     }
     assert report["rows_in"] == report["rows_kept"] + report["rows_quarantined"]
+    announce(report, raw.hint)
+    return interactions, quarantine, report
+
+
+def announce(report: dict, hint: str, engine: str = "") -> None:
+    """Log what ingestion kept and quarantined; fail, naming the log, when it kept nothing."""
+    found = {r: c for r, c in report["quarantined_by_reason"].items() if c}
     logger.info(
-        "Ingested %s: %d rows in, %d kept, %d quarantined %s",
-        raw.source,
+        "Ingested %s%s: %d rows in, %d kept, %d quarantined %s",
+        report["source"],
+        engine,
         report["rows_in"],
         report["rows_kept"],
         report["rows_quarantined"],
-        {r: c for r, c in report["quarantined_by_reason"].items() if c},
+        found,
     )
-    if not len(interactions):
-        counts = {r: c for r, c in report["quarantined_by_reason"].items() if c}
-        utf8 = " UTF-8 text" if counts.get("bad_encoding") else ""
+    if not report["rows_kept"]:
+        utf8 = " UTF-8 text" if found.get("bad_encoding") else ""
         raise RawLogError(
-            f"No valid rows in raw log {raw.source}: all {report['rows_in']} were quarantined "
-            f"{counts}; {raw.hint or 'expected rows of the log format'}{utf8}"
+            f"No valid rows in raw log {report['source']}: all {report['rows_in']} were "
+            f"quarantined {found}; {hint or 'expected rows of the log format'}{utf8}"
         )
-    return interactions, quarantine, report

@@ -6,13 +6,8 @@ reason it fails, in `nodes.REASONS` order, exactly as `nodes.validate_behavior_l
 
 from __future__ import annotations
 
-import logging
-
-from attention_ctr.raw_logs import RawLogError
 from attention_ctr.spark_raw_logs import SparkRawEvents
 from attention_ctr.synthetic import LOG_COLUMNS
-
-logger = logging.getLogger(__name__)
 
 # Integer text: a sign, digits, maybe a zero fraction ("7.000" is 7).
 INTEGER = r"^[+-]?[0-9]+(\.0*)?$"
@@ -52,6 +47,7 @@ def validate_behavior_logs(raw: SparkRawEvents, params: dict):
         QUARANTINE_COLUMNS,
         REASONS,
         _timestamp_bounds,
+        announce,
     )
 
     # Typed values first, in their own step, so each is parsed once.
@@ -148,19 +144,5 @@ def validate_behavior_logs(raw: SparkRawEvents, params: dict):
         "first_timestamp": None if kept["first"] is None else int(kept["first"]),
         "last_timestamp": None if kept["last"] is None else int(kept["last"]),
     }
-    logger.info(
-        "Ingested %s on Spark: %d rows in, %d kept, %d quarantined %s",
-        raw.source,
-        report["rows_in"],
-        report["rows_kept"],
-        report["rows_quarantined"],
-        {r: c for r, c in report["quarantined_by_reason"].items() if c},
-    )
-    if not report["rows_kept"]:
-        found = {r: c for r, c in report["quarantined_by_reason"].items() if c}
-        utf8 = " UTF-8 text" if found.get("bad_encoding") else ""
-        raise RawLogError(
-            f"No valid rows in raw log {raw.source}: all {report['rows_in']} were quarantined "
-            f"{found}; {raw.hint or 'expected rows of the log format'}{utf8}"
-        )
+    announce(report, raw.hint, " on Spark")
     return interactions, quarantine, report
