@@ -239,7 +239,7 @@ def prepare(dataset: str, directory: Path, args: argparse.Namespace) -> str:
     )
     spec, events = catalog.load("feature_spec"), catalog.load("events@pandas")
     samples = {
-        split: catalog.load(f"{split}_samples" + ("" if split == "test" else "@pandas"))
+        split: catalog.load(f"{split}_samples@pandas")
         for split in (*PEER_SPLITS, "test")
     }
     item_frequency = catalog.load("item_frequency")
