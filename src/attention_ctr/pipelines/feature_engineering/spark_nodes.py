@@ -60,6 +60,14 @@ def _dictionary(frame, column: str, code: str):
     )
 
 
+def _id_table(dictionary, raw_column: str, code: str, *more: str) -> pd.DataFrame:
+    """A dictionary collected as the pandas path's id table: raw_id, the code, `more`."""
+    from pyspark.sql import functions as F
+
+    table = dictionary.select(F.col(raw_column).alias("raw_id"), code, *more).toPandas()
+    return table.sort_values(code, ignore_index=True)
+
+
 def encode_interactions(interactions, behaviors: list[str]):
     """Spark's `encode_interactions`: the events sorted by (user, time, log line) in partitions
     of whole, consecutive users, with their global `row`; the id tables as pandas frames."""
@@ -100,11 +108,7 @@ def encode_interactions(interactions, behaviors: list[str]):
     # spark.sql.shuffle.partitions ranges, which adaptive execution merges (neighbours only,
     # so the order holds) up to spark.sql.adaptive.advisoryPartitionSizeInBytes each.
     ordered = encoded.repartitionByRange("user").sortWithinPartitions("user", "timestamp", "line")
-    user_ids = (
-        users.select(F.col("user_id").alias("raw_id"), "user")
-        .toPandas()
-        .sort_values("user", ignore_index=True)
-    )
+    user_ids = _id_table(users, "user_id", "user")
     # Events per user, counted by raw id (no second pass through the joins).
     counts = interactions.groupBy("user_id").count().toPandas()
     counts = counts.merge(user_ids, left_on="user_id", right_on="raw_id")
@@ -122,17 +126,8 @@ def encode_interactions(interactions, behaviors: list[str]):
     )
 
     first_category = events.groupBy("item").agg(F.min_by("category", "row").alias("category"))
-    item_ids = (
-        items.join(first_category, "item")
-        .select(F.col("item_id").alias("raw_id"), "item", "category")
-        .toPandas()
-        .sort_values("item", ignore_index=True)
-    )
-    category_ids = (
-        categories.select(F.col("category_id").alias("raw_id"), "category")
-        .toPandas()
-        .sort_values("category", ignore_index=True)
-    )
+    item_ids = _id_table(items.join(first_category, "item"), "item_id", "item", "category")
+    category_ids = _id_table(categories, "category_id", "category")
     return events, user_ids, item_ids, category_ids, pandas_nodes.behavior_table(behaviors)
 
 
