@@ -47,30 +47,27 @@ def _per_partition(function):
     return run
 
 
-def _dictionary(frame, column: str, code: str):
-    """Distinct values of `column` with codes from 1 in sorted order (pandas' factorize order:
-    numbers by value, text by code point). Ranked in one partition: these are ids, not events."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    return (
-        frame.select(column)
-        .distinct()
-        .withColumn(code, F.row_number().over(Window.orderBy(column)).cast("int"))
-    )
+def _sorted_ids(frame, column: str, *more) -> pd.DataFrame:
+    """Distinct values of `column` (with the aggregates `more`), collected in sorted order: the
+    order of pandas' factorize (numbers by value, text by code point), so a value's code is
+    its position + 1. Ids, not events: they fit the driver."""
+    grouped = frame.groupBy(column)
+    table = (grouped.agg(*more) if more else grouped.count()).toPandas()
+    return table.sort_values(column, ignore_index=True)
 
 
-def _id_table(dictionary, raw_column: str, code: str, *more: str) -> pd.DataFrame:
-    """A dictionary collected as the pandas path's id table: raw_id, the code, `more`."""
-    from pyspark.sql import functions as F
-
-    table = dictionary.select(F.col(raw_column).alias("raw_id"), code, *more).toPandas()
-    return table.sort_values(code, ignore_index=True)
+def _codes_of(values: pd.Series, ids: np.ndarray) -> np.ndarray:
+    """The code (position + 1) of each of `values` in the sorted `ids`, which hold them all."""
+    return (np.searchsorted(ids, values.to_numpy()) + 1).astype(np.int32)
 
 
 def encode_interactions(interactions, behaviors: list[str]):
     """Spark's `encode_interactions`: the events sorted by (user, time, log line) in partitions
-    of whole, consecutive users, with their global `row`; the id tables as pandas frames."""
+    of whole, consecutive users, with their global `row`; the id tables as pandas frames.
+
+    The id dictionaries are collected (ids fit the driver where events do not) and applied in
+    each partition by binary search: joining the events to them would shuffle every event twice.
+    """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -78,57 +75,71 @@ def encode_interactions(interactions, behaviors: list[str]):
     if "line" not in interactions.columns:
         # A single file written by the pandas path: Spark reads its splits in file order.
         interactions = interactions.withColumn("line", F.monotonically_increasing_id())
-    vocabulary = F.array(*[F.lit(str(b)) for b in behaviors])
-    # Small tables, each used twice (joined, then collected): computed once.
-    users = _dictionary(interactions, "user_id", "user").persist()
-    items = _dictionary(interactions, "item_id", "item").persist()
-    categories = _dictionary(interactions, "category_id", "category").persist()
-    # Spark picks each join: a dictionary of millions of ids is too large to broadcast.
-    encoded = (
-        interactions.join(users, "user_id")
-        .join(items, "item_id")
-        .join(F.broadcast(categories), "category_id")
-        .select(
-            "user",
-            "item",
-            "category",
-            F.array_position(vocabulary, F.col("behavior").cast("string"))
-            .cast("byte")
-            .alias("behavior"),
-            F.col("timestamp").cast("long").alias("timestamp"),
-            "line",
-        )
-    )
     known = F.col("behavior").cast("string").isin([str(b) for b in behaviors])
     if interactions.filter(~known).limit(1).count():
         raise InputError(
             "interactions hold a behaviour outside parameter ingestion.validation.behaviors "
             f"{list(behaviors)}"
         )
-    # spark.sql.shuffle.partitions ranges, which adaptive execution merges (neighbours only,
-    # so the order holds) up to spark.sql.adaptive.advisoryPartitionSizeInBytes each.
-    ordered = encoded.repartitionByRange("user").sortWithinPartitions("user", "timestamp", "line")
-    user_ids = _id_table(users, "user_id", "user")
-    # Events per user, counted by raw id (no second pass through the joins).
-    counts = interactions.groupBy("user_id").count().toPandas()
-    counts = counts.merge(user_ids, left_on="user_id", right_on="raw_id")
-    offsets = np.zeros(len(user_ids) + 2, dtype=np.int64)
-    offsets[counts["user"].to_numpy() + 1] = counts["count"].to_numpy()
-    offsets = np.cumsum(offsets)  # offsets[u]: the global row of user u's first event
-    first_rows = spark.sparkContext.broadcast(offsets)
+    users = _sorted_ids(interactions, "user_id")  # with each user's event count
+    # An item's category is the one of its first behaviour in (user, time, line) order: users'
+    # codes follow their raw ids, so the first is the least (user_id, timestamp, line).
+    first = F.min(F.struct("user_id", "timestamp", "line", "category_id"))["category_id"]
+    items = _sorted_ids(interactions, "item_id", first.alias("first_category"))
+    categories = _sorted_ids(interactions, "category_id")
+    ids = spark.sparkContext.broadcast(
+        {
+            "user": users["user_id"].to_numpy(),
+            "item": items["item_id"].to_numpy(),
+            "category": categories["category_id"].to_numpy(),
+        }
+    )
+    offsets = np.concatenate([[0, 0], np.cumsum(users["count"].to_numpy())])
+    first_rows = spark.sparkContext.broadcast(offsets)  # [u]: global row of user u's first event
 
-    def with_rows(frame: pd.DataFrame) -> pd.DataFrame:
-        row = first_rows.value[int(frame["user"].iloc[0])] + np.arange(len(frame))
-        return frame.drop(columns="line").assign(row=row)
+    def encode(frame: pd.DataFrame) -> pd.DataFrame:
+        codes = {name: _codes_of(frame[f"{name}_id"], ids.value[name]) for name in ids.value}
+        row = first_rows.value[int(codes["user"][0])] + np.arange(len(frame))
+        return pd.DataFrame(
+            {
+                **codes,
+                "behavior": frame["behavior"].to_numpy(np.int8),
+                "timestamp": frame["timestamp"].to_numpy(np.int64),
+                "row": row,
+            }
+        )
 
-    events = ordered.mapInPandas(_per_partition(with_rows), f"{EVENTS_SCHEMA}, row long").persist(
+    vocabulary = F.array(*[F.lit(str(b)) for b in behaviors])
+    # spark.sql.shuffle.partitions ranges of users, which adaptive execution merges (neighbours
+    # only, so the order holds) up to spark.sql.adaptive.advisoryPartitionSizeInBytes each.
+    ordered = (
+        interactions.select(
+            "user_id",
+            "item_id",
+            "category_id",
+            F.array_position(vocabulary, F.col("behavior").cast("string")).alias("behavior"),
+            F.col("timestamp").cast("long").alias("timestamp"),
+            "line",
+        )
+        .repartitionByRange("user_id")
+        .sortWithinPartitions("user_id", "timestamp", "line")
+    )
+    events = ordered.mapInPandas(_per_partition(encode), f"{EVENTS_SCHEMA}, row long").persist(
         StorageLevel.MEMORY_AND_DISK
     )
 
-    first_category = events.groupBy("item").agg(F.min_by("category", "row").alias("category"))
-    item_ids = _id_table(items.join(first_category, "item"), "item_id", "item", "category")
-    category_ids = _id_table(categories, "category_id", "category")
-    return events, user_ids, item_ids, category_ids, pandas_nodes.behavior_table(behaviors)
+    def id_table(raw_ids: pd.Series, code: str, **more) -> pd.DataFrame:
+        codes = np.arange(1, len(raw_ids) + 1, dtype=np.int32)
+        return pd.DataFrame({"raw_id": raw_ids.to_numpy(), code: codes, **more})
+
+    item_category = _codes_of(items["first_category"], ids.value["category"])
+    return (
+        events,
+        id_table(users["user_id"], "user"),
+        id_table(items["item_id"], "item", category=item_category),
+        id_table(categories["category_id"], "category"),
+        pandas_nodes.behavior_table(behaviors),
+    )
 
 
 def build_positive_samples(events, params: dict):
