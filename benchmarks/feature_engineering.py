@@ -3,6 +3,7 @@
     python benchmarks/feature_engineering.py                 # pandas, 10 M events
     python benchmarks/feature_engineering.py --events 1000000
     python benchmarks/feature_engineering.py --engine spark --events 100000000
+    python benchmarks/feature_engineering.py --engine spark --compare-events 0 --train din
 
 Runs `kedro run --pipeline ingestion` and `--pipeline feature_engineering` on a temporary copy
 of the project (so the project's own data/ is untouched) and prints wall time, events per
@@ -94,7 +95,6 @@ def generate_log(project: Path, params: dict) -> None:
     else:
         from sandbox import run_pipeline
 
-        quiet_kedro_logging()
         run_pipeline(project, "ingestion", params, node_names=["ingestion.generate_synthetic_logs"])
 
 
@@ -129,12 +129,29 @@ class MemorySampler:
         self._stop.set()
 
 
-def run_once(
-    project: Path, engine: str, events: int, args, timer: NodeTimer, memory: MemorySampler
-) -> dict:
-    """Ingestion and feature engineering on `events` synthetic events; timings and peaks."""
-    from sandbox import run_pipeline
+def in_child(function, *args):
+    """`function(*args)` in a fresh (spawned) process, and its result: each run's memory and
+    Spark JVM end with it, and the next run's peak starts clean."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_put_result, args=(results, function, *args))
+    child.start()
+    child.join()  # results are small: the queue holds them while we wait
+    if child.exitcode:
+        raise RuntimeError(f"{function.__name__} failed (exit code {child.exitcode})")
+    return results.get(timeout=60)
 
+
+def _put_result(results, function, *args) -> None:
+    # Quiet console (warnings only); node timings still reach NodeTimer. The config names no
+    # `kedro` logger: applying one would strip the handlers of its children (logging.config
+    # clears a configured logger's existing children), the timer's included.
+    quiet_kedro_logging()
+    results.put(function(*args))
+
+
+def run_once(project: Path, engine: str, events: int, args, memory: MemorySampler) -> dict:
+    """Ingestion and feature engineering on `events` synthetic events; timings and peaks."""
     users = args.users or max(1, events // 100)
     items = args.items or max(10, events // 25)
     categories = args.categories or max(1, items // 100)
@@ -147,24 +164,29 @@ def run_once(
     for layer in (project / "data").iterdir():  # a clean start: the last run's files go
         shutil.rmtree(layer)
         layer.mkdir()
-    timer.durations = []
     result = {"engine": engine, "events": events, "users": users, "items": items}
     result["categories"] = categories
+    # Both engines read a log generated first and timed apart.
     memory.reset()
     start = time.perf_counter()
-    # Both engines read a log generated first and timed apart, in a child process: the memory
-    # the generator's frames held would otherwise stay with this process (the driver's) and
-    # count in the run's peak.
-    generator = multiprocessing.get_context("spawn").Process(
-        target=generate_log, args=(project, params)
-    )
-    generator.start()
-    generator.join()
-    if generator.exitcode:
-        raise RuntimeError(f"generating the log failed (exit code {generator.exitcode})")
+    in_child(generate_log, project, params)
     result["generation"] = time.perf_counter() - start
     result["generation_peak"] = memory.peak
     memory.reset()
+    result.update(in_child(run_features, project, engine, params))
+    result["peak"] = memory.peak
+    return result
+
+
+def run_features(project: Path, engine: str, params: dict) -> dict:
+    """`kedro run` of ingestion (from reading the log) and feature engineering: wall time and
+    each node's. Timed after Python has imported the project."""
+    from sandbox import run_pipeline
+
+    import attention_ctr.pipeline_registry  # noqa: F401  (the pipelines, torch)
+
+    timer = NodeTimer()
+    logging.getLogger("kedro.runner").addHandler(timer)
     start = time.perf_counter()
     run_pipeline(
         project,
@@ -173,10 +195,45 @@ def run_once(
         pipelines=["ingestion", "feature_engineering"],
         from_nodes=["ingestion.read_behavior_logs"],
     )
-    result["total"] = time.perf_counter() - start
-    result["peak"] = memory.peak
-    result["nodes"] = list(timer.durations)
-    return result
+    return {"total": time.perf_counter() - start, "nodes": list(timer.durations)}
+
+
+def train_once(project: Path, model: str, budget_mb: float) -> None:
+    """One epoch of `model` on the features the last run wrote, through the training node
+    (streamed from parquet when a split outgrows half of `budget_mb`)."""
+    from attention_ctr.datasets import ParquetTable
+
+    samples = len(ParquetTable(project / "data" / "05_model_input" / "train_samples.parquet"))
+    result = in_child(train_model, project, model, budget_mb)
+    print(
+        f"\ntraining {model}, 1 epoch on those features, memory budget {budget_mb:,.0f} MB"
+        f"\n  train samples              {samples:,}"
+        f"\n  samples/s                  {result['samples_per_second']:,.0f}"
+        f"\n  validation AUC             {result['validation_auc']:.4f}"
+        f"\n  training node              {result['wall']:8.1f} s (with validation and saving)"
+        f"\n  peak memory                {result['peak'] / 1024**3:8.2f} GB (the training process)"
+    )
+
+
+def train_model(project: Path, model: str, budget_mb: float) -> dict:
+    import resource
+
+    from sandbox import run_pipeline
+
+    params = {
+        "training.epochs": 1,
+        "training.memory_budget_mb": budget_mb,
+        "training.progress_bar": False,
+    }
+    start = time.perf_counter()
+    catalog = run_pipeline(project, pipeline="training", namespaces=[model], params=params)
+    history = catalog.load(f"{model}.training_history")
+    return {
+        "wall": time.perf_counter() - start,
+        "samples_per_second": float(history["train_samples_per_second"].iloc[0]),
+        "validation_auc": float(history["validation_auc"].iloc[0]),
+        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def report(result: dict) -> None:
@@ -213,16 +270,21 @@ def main() -> int:
         default=10_000_000,
         help="with --engine spark: first run pandas and Spark on this many events (0: skip)",
     )
+    parser.add_argument(
+        "--train",
+        metavar="MODEL",
+        help="then train MODEL (din, ...) one epoch on the last run's features",
+    )
+    parser.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=512,
+        help="with --train: training.memory_budget_mb (splits larger than half are streamed)",
+    )
     args = parser.parse_args()
 
-    # Quiet console (warnings only); node timings still flow to the timer below. The config
-    # names no `kedro` logger: applying one would strip the handlers of its children
-    # (logging.config clears a configured logger's existing children), the timer's included.
-    quiet_kedro_logging()
-    timer = NodeTimer()
-    logging.getLogger("kedro.runner").addHandler(timer)
     memory = MemorySampler()
-    # One project copy for every run: Kedro imports the project's package once per process.
+    # One project copy; each run is a process of its own (`in_child`).
     from sandbox import make_project_copy
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="fe-bench-"))
@@ -231,15 +293,17 @@ def main() -> int:
         results = []
         if args.engine == "spark" and args.compare_events:
             for engine in ("pandas", "spark"):
-                results.append(run_once(project, engine, args.compare_events, args, timer, memory))
+                results.append(run_once(project, engine, args.compare_events, args, memory))
                 report(results[-1])
             pandas, spark = results
             print(
                 f"\nSpark / pandas at {args.compare_events:,} events: "
                 f"{spark['total'] / pandas['total']:.2f}x the wall time (log generation excluded)"
             )
-        results.append(run_once(project, args.engine, args.events, args, timer, memory))
+        results.append(run_once(project, args.engine, args.events, args, memory))
         report(results[-1])
+        if args.train:
+            train_once(project, args.train, args.memory_budget_mb)
     finally:
         memory.stop()
         if args.keep is None:

@@ -36,9 +36,9 @@ def _with_integers(frame, columns):
     other numbers when integral and exact as a float ("1e3"); null otherwise (the pandas
     `_integers` rule).
 
-    Staged, one small expression per step: the JVM does not compile a generated method over 8 KB,
-    which the whole rule for four columns in one step makes (and it ran 2x slower). Plain digits,
-    nearly every value, are cast at once; the later steps see only the rest.
+    Staged, one small expression per step: the whole rule for four columns in one step made a
+    generated method over 8 KB, which HotSpot leaves interpreted by default (2x slower). Plain
+    digits, nearly every value, are cast at once; the later steps see only the rest.
     """
     from pyspark.sql import functions as F
 
