@@ -238,10 +238,7 @@ def prepare(dataset: str, directory: Path, args: argparse.Namespace) -> str:
         project, params=params, env=env, pipelines=["ingestion", "feature_engineering"]
     )
     spec, events = catalog.load("feature_spec"), catalog.load("events@pandas")
-    samples = {
-        split: catalog.load(f"{split}_samples@pandas")
-        for split in (*PEER_SPLITS, "test")
-    }
+    samples = {split: catalog.load(f"{split}_samples@pandas") for split in (*PEER_SPLITS, "test")}
     item_frequency = catalog.load("item_frequency")
     parameters = catalog.load("parameters")
     ranking = parameters["evaluation"]["ranking"]

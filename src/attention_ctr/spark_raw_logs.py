@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.csv
 
 from attention_ctr.raw_logs import TAOBAO_COLUMNS, RawEvents, RawLogError, _first_line, _hint
 from attention_ctr.synthetic import LOG_COLUMNS
@@ -28,9 +29,12 @@ class SparkRawEvents:
     hint: str = ""
 
 
-# A plain row: three ids and a timestamp of digits, a behaviour of word characters (maybe
-# quoted). Its fields are the same from a split on commas as from the CSV parser.
-PLAIN_ROW = r'^[0-9]{1,18},[0-9]{1,18},[0-9]{1,18},("?)[A-Za-z0-9_]+\1,[0-9]{1,18}$'
+# A plain row: three ids and a timestamp of at most 18 digits (a long, whatever they are), a
+# behaviour of word characters (maybe quoted). Its fields are the same from a split on commas
+# as from the CSV parser. (\z: Java's $ also matches before a final line separator.)
+PLAIN_ROW = r'^[0-9]{1,18},[0-9]{1,18},[0-9]{1,18},("?)[A-Za-z0-9_]+\1,[0-9]{1,18}\z'
+# Values the pandas reader reads as missing, quoted or not (pyarrow's CSV defaults).
+NULL_TEXTS = list(pyarrow.csv.ConvertOptions().null_values)
 
 
 def _spark():
@@ -114,14 +118,18 @@ def read_taobao(path: str) -> SparkRawEvents:
         ).alias("fields"),
     )
     plain = F.col("plain_fields")
+    values = [
+        F.coalesce(
+            F.translate(plain[i], '"', "") if column == "behavior" else plain[i],
+            F.col("fields")[column],
+        )
+        for i, column in enumerate(LOG_COLUMNS)
+    ]
     frame = parsed.select(
         "line",
         *[
-            F.coalesce(
-                F.translate(plain[i], '"', "") if column == "behavior" else plain[i],
-                F.col("fields")[column],
-            ).alias(column)
-            for i, column in enumerate(LOG_COLUMNS)
+            F.when(~value.isin(NULL_TEXTS), value).alias(column)
+            for value, column in zip(values, LOG_COLUMNS, strict=True)
         ],
         "verdict",
         F.when(F.col("verdict").isNotNull(), F.col("text")).alias("raw_text"),

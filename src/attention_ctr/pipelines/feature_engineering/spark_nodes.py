@@ -47,18 +47,26 @@ def _per_partition(function):
     return run
 
 
-def _sorted_ids(frame, column: str, *more) -> pd.DataFrame:
-    """Distinct values of `column` (with the aggregates `more`), collected in sorted order: the
+def _sorted_ids(frame, column: str) -> pd.DataFrame:
+    """Distinct values of `column` with their `count` of rows, collected in sorted order: the
     order of pandas' factorize (numbers by value, text by code point), so a value's code is
     its position + 1. Ids, not events: they fit the driver."""
-    grouped = frame.groupBy(column)
-    table = (grouped.agg(*more) if more else grouped.count()).toPandas()
+    table = frame.groupBy(column).count().toPandas()
     return table.sort_values(column, ignore_index=True)
+
+
+def _searchable(ids: pd.Series) -> np.ndarray:
+    """Sorted ids as a numpy array binary search runs on in C (text as fixed-width unicode)."""
+    values = ids.to_numpy()
+    return values.astype(str) if values.dtype == object else values
 
 
 def _codes_of(values: pd.Series, ids: np.ndarray) -> np.ndarray:
     """The code (position + 1) of each of `values` in the sorted `ids`, which hold them all."""
-    return (np.searchsorted(ids, values.to_numpy()) + 1).astype(np.int32)
+    values = values.to_numpy()
+    if ids.dtype.kind == "U":
+        values = values.astype(str)
+    return (np.searchsorted(ids, values) + 1).astype(np.int32)
 
 
 def encode_interactions(interactions, behaviors: list[str]):
@@ -81,24 +89,23 @@ def encode_interactions(interactions, behaviors: list[str]):
             "interactions hold a behaviour outside parameter ingestion.validation.behaviors "
             f"{list(behaviors)}"
         )
-    users = _sorted_ids(interactions, "user_id")  # with each user's event count
-    # An item's category is the one of its first behaviour in (user, time, line) order: users'
-    # codes follow their raw ids, so the first is the least (user_id, timestamp, line).
-    first = F.min(F.struct("user_id", "timestamp", "line", "category_id"))["category_id"]
-    items = _sorted_ids(interactions, "item_id", first.alias("first_category"))
+    users = _sorted_ids(interactions, "user_id")
+    items = _sorted_ids(interactions, "item_id")
     categories = _sorted_ids(interactions, "category_id")
-    ids = spark.sparkContext.broadcast(
+    dictionaries = spark.sparkContext.broadcast(
         {
-            "user": users["user_id"].to_numpy(),
-            "item": items["item_id"].to_numpy(),
-            "category": categories["category_id"].to_numpy(),
+            "user": _searchable(users["user_id"]),
+            "item": _searchable(items["item_id"]),
+            "category": _searchable(categories["category_id"]),
         }
     )
     offsets = np.concatenate([[0, 0], np.cumsum(users["count"].to_numpy())])
     first_rows = spark.sparkContext.broadcast(offsets)  # [u]: global row of user u's first event
 
     def encode(frame: pd.DataFrame) -> pd.DataFrame:
-        codes = {name: _codes_of(frame[f"{name}_id"], ids.value[name]) for name in ids.value}
+        codes = {
+            name: _codes_of(frame[f"{name}_id"], ids) for name, ids in dictionaries.value.items()
+        }
         row = first_rows.value[int(codes["user"][0])] + np.arange(len(frame))
         return pd.DataFrame(
             {
@@ -132,7 +139,10 @@ def encode_interactions(interactions, behaviors: list[str]):
         codes = np.arange(1, len(raw_ids) + 1, dtype=np.int32)
         return pd.DataFrame({"raw_id": raw_ids.to_numpy(), code: codes, **more})
 
-    item_category = _codes_of(items["first_category"], ids.value["category"])
+    # An item's category is the one of its first behaviour (real logs have a few conflicts).
+    first = events.groupBy("item").agg(F.min_by("category", "row").alias("category")).toPandas()
+    item_category = np.zeros(len(items), dtype=np.int32)
+    item_category[first["item"].to_numpy() - 1] = first["category"].to_numpy()
     return (
         events,
         id_table(users["user_id"], "user"),

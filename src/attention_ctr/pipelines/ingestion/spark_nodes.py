@@ -45,7 +45,7 @@ def _with_integers(frame, columns):
     frame = frame.select(
         "*",
         *[
-            F.when(F.col(c).rlike(r"^[0-9]{1,18}$"), F.col(c).cast("long")).alias(f"_{c}")
+            F.when(F.col(c).rlike(r"^[0-9]{1,18}\z"), F.col(c).try_cast("long")).alias(f"_{c}")
             for c in columns
         ],
     )
