@@ -3,6 +3,7 @@
     python benchmarks/training.py                      # batch 256 and 2048, 1 epoch each
     python benchmarks/training.py --batch-sizes 256 --epochs 2 --models din dien
     python benchmarks/training.py --models din dien --fast-models --repeats 3  # the ratio
+    python benchmarks/training.py --item-rows 40000 400000 4000000  # dense vs lazy Adam
 
 Features come from the real ingestion and feature_engineering pipelines on the synthetic
 default (in a temporary copy of the project); each model is then trained with the project's
@@ -15,6 +16,11 @@ A shared VM's speed drifts by 20% and more within minutes, so one run of DIN the
 can misstate their ratio: `--repeats N` runs every model N times in turn (round-robin) and
 reports each one's median rate, and the ratio from those. What it prints is also written to
 benchmarks/results/training.md, under the command, date and machine.
+
+`--item-rows N ...` measures instead what the item table's size costs a DIN step (eager fp32,
+batch 256): the same samples with the table widened to N rows (the extra rows are never looked
+up, like most of a large catalogue's items in any one batch), under dense Adam and under lazy
+Adam (`training.lazy_embedding_rows`). It writes benchmarks/results/training_item_rows.md.
 """
 
 from __future__ import annotations
@@ -54,6 +60,30 @@ def project_length_windows(names: list[str]) -> dict[str, int]:
     }
 
 
+def time_item_rows(rows_list, sizes, train, validation, device, epochs: int) -> int:
+    """DIN's samples/s with an item table of each size, under dense and under lazy Adam."""
+    for rows in rows_list:
+        for optimiser, lazy_rows in (("dense Adam", None), ("lazy Adam", rows)):
+            seed_everything(2024)
+            widened = {**sizes, "n_items": max(sizes["n_items"], rows - 1)}
+            model = build_model("din", **widened, **fixed_size("din"))
+            config = TrainingConfig(
+                device=str(device),
+                epochs=epochs,
+                patience=epochs + 1,
+                progress_bar=False,
+                lazy_embedding_rows=lazy_rows,
+            )
+            _, history = fit(model, train, validation, config)
+            print(
+                f"din {optimiser:10s} item table {widened['n_items'] + 1:>10,d} rows "
+                f"{history['train_samples_per_second'].iloc[-1]:>9,.0f} samples/s   "
+                f"val AUC {history['validation_auc'].iloc[-1]:.4f}",
+                flush=True,
+            )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["pooling", "din", "dien", "bst"])
@@ -87,6 +117,12 @@ def main() -> int:
         default=["pooling", "din"],
         help="of the fast models, these also with training.compile (it slows DIEN and BST)",
     )
+    parser.add_argument(
+        "--item-rows",
+        nargs="+",
+        type=int,
+        help="only time DIN with its item table widened to these many rows, dense vs lazy Adam",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +146,8 @@ def main() -> int:
         f"recurrence kernel: {recurrence_kernel()}; "
         f"{len(train):,} training samples, history <= {spec['max_history']}"
     )
+    if args.item_rows:
+        return time_item_rows(args.item_rows, sizes, train, validation, device, args.epochs)
     print(
         f"{'model':8s} {'variant':14s} {'batch':>6s} {'window':>6s} {'samples/s':>11s} "
         f"{'val AUC':>8s} {'params':>10s}"
@@ -180,6 +218,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     # what it printed also goes to benchmarks/results/, under the command and machine
-    with recorded(RESULTS / "training.md"):
+    name = "training_item_rows.md" if "--item-rows" in sys.argv else "training.md"
+    with recorded(RESULTS / name):
         status = main()
     sys.exit(status)

@@ -64,3 +64,85 @@ def test_bf16_on_cpu_warns_without_amx(amx, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger=training.logger.name):
         training._check_cpu_bf16(torch.device("cpu"), config)
     assert ("no AMX" in caplog.text) == (not amx)
+
+
+def _din(n_items: int = 50):
+    from attention_ctr.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(
+        "din", n_items=n_items, n_categories=5, n_behaviors=2, n_time_gap_buckets=4, max_history=4
+    )
+
+
+def _batch(items: list[int]) -> dict[str, torch.Tensor]:
+    targets = torch.tensor(items)
+    return {
+        "target_item": targets,
+        "target_category": torch.ones_like(targets),
+        "hist_item": targets[:, None].repeat(1, 2),
+        "hist_category": torch.ones(len(items), 2, dtype=torch.long),
+        "hist_behavior": torch.ones(len(items), 2, dtype=torch.long),
+        "mask": torch.ones(len(items), 2, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("lazy_rows", [None, 51], ids=["dense", "lazy"])
+def test_lazy_adam_moves_only_the_rows_a_batch_looks_up(lazy_rows):
+    """With lazy Adam (tables of >= `lazy_embedding_rows` rows) an item row seen in one step
+    stays put in the next step that does not look it up; dense Adam's momentum moves it."""
+    from attention_ctr import training
+
+    model = _din()
+    config = training.TrainingConfig(lazy_embedding_rows=lazy_rows)
+    optimizers = training._optimizers(model, config, distributed=False)
+    assert len(optimizers) == (1 if lazy_rows is None else 2)
+    table = model.item_embedding.weight
+    labels = torch.tensor([1.0, 0.0])
+    rows = []
+    for items in ([3, 4], [7, 8]):
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        training.batch_losses(model, _batch(items), labels, torch.ones(51))[2].backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        rows.append(table[3].detach().clone())
+    assert table.grad.is_sparse == (lazy_rows is not None)
+    assert torch.equal(rows[0], rows[1]) == (lazy_rows is not None)
+
+
+def test_lazy_adam_takes_din_mini_batch_aware_l2():
+    """DIN's regularisation looks rows up through the table, so its gradient stays sparse."""
+    from attention_ctr import training
+    from attention_ctr.models import build_model
+
+    model = build_model(
+        "din",
+        n_items=50,
+        n_categories=5,
+        n_behaviors=2,
+        n_time_gap_buckets=4,
+        max_history=4,
+        l2_weight=0.1,
+    )
+    optimizers = training._optimizers(model, training.TrainingConfig(lazy_embedding_rows=6), False)
+    batch = _batch([3, 4])
+    total = training.batch_losses(model, batch, torch.tensor([1.0, 0.0]), torch.ones(51))[2]
+    total.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    assert model.item_embedding.weight.grad.is_sparse
+
+
+def test_lazy_adam_refuses_weight_decay_and_bad_row_counts():
+    from attention_ctr import training
+    from attention_ctr.errors import InputError
+
+    config = training.TrainingConfig(lazy_embedding_rows=10, weight_decay=1e-4)
+    with pytest.raises(InputError, match="training.weight_decay is 0.0001.*lazy_embedding_rows"):
+        training._optimizers(_din(), config, distributed=False)
+    # data-parallel training keeps dense Adam, so weight decay is fine there
+    assert len(training._optimizers(_din(), config, distributed=True)) == 1
+    for rows in (0, -5, 2.5, True, "many"):
+        with pytest.raises(InputError, match="training.lazy_embedding_rows"):
+            training.TrainingConfig.from_params({"lazy_embedding_rows": rows})

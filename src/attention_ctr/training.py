@@ -52,6 +52,7 @@ class TrainingConfig:
     length_window: int = 0
     progress_bar: bool = True
     memory_budget_mb: float = 8192
+    lazy_embedding_rows: int | None = 100_000
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @classmethod
@@ -68,6 +69,12 @@ class TrainingConfig:
             raise InputError(
                 f"Parameter training.memory_budget_mb is {config.memory_budget_mb}; expected "
                 "megabytes > 0"
+            )
+        rows = config.lazy_embedding_rows
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise InputError(
+                f"Parameter training.lazy_embedding_rows is {rows!r}; expected a number of "
+                "rows >= 1, or null (never)"
             )
         return config
 
@@ -237,6 +244,49 @@ def _from_rank_zero(value):
     return holder[0]
 
 
+def _optimizers(
+    model: nn.Module, config: TrainingConfig, distributed: bool
+) -> list[torch.optim.Optimizer]:
+    """Adam; embedding tables of at least `lazy_embedding_rows` rows get lazy Adam
+    (`SparseAdam`: sparse gradients, and only the rows a batch looks up move).
+
+    Dense Adam updates every row of every table at every step, so on the CPU a DIN step slows
+    with the size of the item table, while a lazy step costs about the same at any size
+    (benchmarks/results/training_item_rows.md). Data-parallel training keeps dense Adam throughout:
+    NCCL has no sparse all-reduce, and one rule keeps CPU and GPU runs alike.
+    """
+    rows = config.lazy_embedding_rows
+    lazy = [
+        (name, table)
+        for name, table in model.named_modules()
+        if isinstance(table, nn.Embedding)
+        and not distributed
+        and rows is not None
+        and table.num_embeddings >= rows
+    ]
+    if lazy and config.weight_decay:
+        raise InputError(
+            f"Parameter training.weight_decay is {config.weight_decay}, but tables of "
+            f"{rows:,}+ rows get lazy Adam (training.lazy_embedding_rows), which has no weight "
+            "decay: set weight_decay to 0 (DIN's l2_weight regularises the embeddings a batch "
+            "uses) or lazy_embedding_rows to null"
+        )
+    for name, table in lazy:
+        table.sparse = True
+        logger.info("Lazy Adam for %s (%s rows)", name, f"{table.num_embeddings:,}")
+    lazy_weights = [table.weight for _, table in lazy]
+    dense = [p for p in model.parameters() if all(p is not weight for weight in lazy_weights)]
+    # fused: one kernel over all parameters (CPU and CUDA) instead of a loop over tensors
+    optimizers = [
+        torch.optim.Adam(
+            dense, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
+        )
+    ]
+    if lazy_weights:
+        optimizers.append(torch.optim.SparseAdam(lazy_weights, lr=config.learning_rate))
+    return optimizers
+
+
 def _epoch_batches(train, batch_size: int, generator: torch.Generator, length_window: int):
     """One epoch's shuffled (batch, labels): chunk by chunk for a `SampleStream`."""
     for chunk in train.chunks(True, generator):
@@ -268,10 +318,7 @@ def fit(
         keep_freed_memory_for_reuse()
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed + rank)
-    # fused: one kernel over all parameters (CPU and CUDA) instead of a loop over tensors
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
-    )
+    optimizers = _optimizers(model, config, distributed)
     autocast = lambda: _autocast(device, config)  # noqa: E731
     _check_cpu_bf16(device, config)
     if config.compile and device.type == "cpu" and not has_cxx_compiler():
@@ -309,9 +356,11 @@ def fit(
         for batch, labels in bar:
             with autocast():
                 loss, auxiliary, total = losses(model, batch, labels, item_frequency)
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             total.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             size = len(labels)
             seen += size
             loss_sum += loss.item() * size
@@ -358,6 +407,9 @@ def fit(
                 )
                 break
 
+    for table in model.modules():
+        if isinstance(table, nn.Embedding):
+            table.sparse = False  # the trained model is as built
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.cpu().eval(), pd.DataFrame(history)

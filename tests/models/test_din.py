@@ -106,7 +106,7 @@ def test_minibatch_aware_l2_regularization():
 
     model = make(l2_weight=0.5)
     ids = torch.cat([b["target_item"], b["hist_item"][b["mask"]]])
-    expected = 0.5 * minibatch_aware_l2(model.item_embedding.weight, ids, item_frequency)
+    expected = 0.5 * minibatch_aware_l2(model.item_embedding, ids, item_frequency)
     term = model.regularization(b, item_frequency)
     torch.testing.assert_close(term, expected)
     with_categories = model.regularization(b, item_frequency, category_frequency)

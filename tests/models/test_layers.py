@@ -320,11 +320,12 @@ def test_behavior_embedding_concatenates_item_and_category():
 
 def test_minibatch_aware_l2_counts_each_present_row_once_over_its_frequency():
     torch.manual_seed(0)
-    weight = torch.randn(6, 3, requires_grad=True)
+    table = torch.nn.Embedding(6, 3)
+    weight = table.weight
     frequency = torch.tensor([0, 1, 2, 4, 8, 16])
     ids = torch.tensor([[2, 2, 4, 0], [4, 2, 0, 0]])
     expected = weight[2].square().sum() / 2 + weight[4].square().sum() / 8
-    term = minibatch_aware_l2(weight, ids, frequency)
+    term = minibatch_aware_l2(table, ids, frequency)
     torch.testing.assert_close(term, expected)
     term.backward()
     touched = weight.grad.abs().sum(1) != 0

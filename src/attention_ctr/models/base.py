@@ -45,17 +45,18 @@ def pad_positions(x: Tensor, length: int) -> Tensor:
     return torch.cat([x, padding], dim=1)
 
 
-def minibatch_aware_l2(embedding_weight: Tensor, ids: Tensor, frequency: Tensor) -> Tensor:
+def minibatch_aware_l2(table: nn.Embedding, ids: Tensor, frequency: Tensor) -> Tensor:
     """DIN's mini-batch aware L2 (sec. 5.1): sum over ids j in the batch of ||w_j||^2 / n_j.
 
-    Only rows that appear in `ids` (any shape; 0 = padding is skipped) are regularised, each
-    once however often it appears, scaled by 1 / its frequency `n_j` (`frequency[j]`, e.g.
-    training occurrences; clamped to >= 1).
+    Only rows of `table` that appear in `ids` (any shape; 0 = padding is skipped) are
+    regularised, each once however often it appears, scaled by 1 / its frequency `n_j`
+    (`frequency[j]`, e.g. training occurrences; clamped to >= 1). The rows are looked up
+    through the table, so its gradient stays sparse when the table's is.
     """
     present = torch.unique(ids.reshape(-1))
     present = present[present != 0]
-    frequency = torch.as_tensor(frequency, device=embedding_weight.device)
-    rows = embedding_weight[present]
+    frequency = torch.as_tensor(frequency, device=table.weight.device)
+    rows = table(present)
     scale = frequency[present.to(frequency.device)].to(rows.dtype).clamp_min(1.0)
     return (rows.square().sum(-1) / scale).sum()
 
@@ -116,19 +117,18 @@ class CTRModel(nn.Module):
         `item_frequency` `[n_items + 1]` (and `category_frequency` `[n_categories + 1]`, whose
         table is only regularised when given) count each id's training occurrences.
         """
-        weight = self.item_embedding.weight
         if not self.l2_weight:
-            return weight.new_zeros(())
+            return self.item_embedding.weight.new_zeros(())
         padding = ~batch["mask"]
         items = torch.cat(
             [batch["target_item"], batch["hist_item"].masked_fill(padding, 0).flatten()]
         )
-        term = minibatch_aware_l2(weight, items, item_frequency)
+        term = minibatch_aware_l2(self.item_embedding, items, item_frequency)
         if category_frequency is not None:
             categories = torch.cat(
                 [batch["target_category"], batch["hist_category"].masked_fill(padding, 0).flatten()]
             )
             term = term + minibatch_aware_l2(
-                self.category_embedding.weight, categories, category_frequency
+                self.category_embedding, categories, category_frequency
             )
         return self.l2_weight * term

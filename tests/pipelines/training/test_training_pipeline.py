@@ -194,3 +194,22 @@ def test_length_windowed_training_learns_like_plain_shuffling(trained):
         aucs.append(fit(model, train, validation, config)[1]["validation_auc"].iloc[-1])
     assert aucs[1] > 0.6
     assert abs(aucs[1] - aucs[0]) < 0.03
+
+
+def test_lazy_adam_learns_like_dense_adam(trained):
+    """Lazy Adam on every table (`training.lazy_embedding_rows: 1`) reaches dense Adam's AUC,
+    with DIN's mini-batch aware L2 on, and hands back a model as built (dense lookups)."""
+    _, catalog = trained
+    spec = catalog.load("feature_spec")
+    train, validation = split_tensors(catalog, "train", "validation")
+    frequency = torch.ones(spec["n_items"] + 1)
+    aucs = []
+    for lazy_rows in (None, 1):
+        seed_everything(2024)
+        model = build_model("din", **{key: spec[key] for key in FEATURE_KEYS}, l2_weight=0.01)
+        config = TrainingConfig(epochs=2, progress_bar=False, lazy_embedding_rows=lazy_rows)
+        model, history = fit(model, train, validation, config, frequency)
+        aucs.append(history["validation_auc"].iloc[-1])
+        assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert aucs[1] > 0.6
+    assert abs(aucs[1] - aucs[0]) < 0.03
