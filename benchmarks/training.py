@@ -17,10 +17,11 @@ can misstate their ratio: `--repeats N` runs every model N times in turn (round-
 reports each one's median rate, and the ratio from those. What it prints is also written to
 benchmarks/results/training.md, under the command, date and machine.
 
-`--item-rows N ...` measures instead what the item table's size costs a DIN step (eager fp32,
-batch 256): the same samples with the table widened to N rows (the extra rows are never looked
-up, like most of a large catalogue's items in any one batch), under dense Adam and under lazy
-Adam (`training.lazy_embedding_rows`). It writes benchmarks/results/training_item_rows.md.
+`--item-rows N ...` measures instead what the item table's size costs a DIN step on the CPU
+(eager fp32, batch 256; `--models`, `--batch-sizes` and the variants do not apply): the same
+samples with the table widened to N rows (the extra rows are never looked up, like most of a
+large catalogue's items in any one batch), under dense Adam and under lazy Adam
+(`training.lazy_embedding_rows`). It writes benchmarks/results/training_item_rows.md.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def time_item_rows(rows_list, sizes, train, validation, device, epochs: int) -> 
                 device=str(device),
                 epochs=epochs,
                 patience=epochs + 1,
+                batch_size=256,
+                bf16_on_gpu=False,
                 progress_bar=False,
                 lazy_embedding_rows=lazy_rows,
             )
@@ -127,6 +130,10 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    device = pick_device(args.device)
+    if args.item_rows and device.type != "cpu":
+        parser.error("--item-rows measures lazy Adam, which is for the CPU: add --device cpu")
+
     tables = build_features(
         {"ingestion.synthetic.events": args.events, "feature_engineering.max_history": HISTORY},
         ("feature_spec", "events@pandas", "train_samples@pandas", "validation_samples@pandas"),
@@ -134,7 +141,6 @@ def main() -> int:
     spec, events = tables["feature_spec"], tables["events"]
     train_samples, validation_samples = tables["train_samples"], tables["validation_samples"]
 
-    device = pick_device(args.device)
     train = SampleTensors(train_samples, events, spec, device)
     validation = SampleTensors(validation_samples, events, spec, device)
     sizes = {

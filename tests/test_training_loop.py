@@ -1,4 +1,5 @@
-"""The training loop's CPU settings: allocator tuning and the bf16 autocast check."""
+"""The training loop's CPU settings: allocator tuning, the bf16 autocast check and lazy Adam
+for large embedding tables."""
 
 from __future__ import annotations
 
@@ -95,9 +96,12 @@ def test_lazy_adam_moves_only_the_rows_a_batch_looks_up(lazy_rows):
 
     model = _din()
     config = training.TrainingConfig(lazy_embedding_rows=lazy_rows)
-    optimizers = training._optimizers(model, config, distributed=False)
-    assert len(optimizers) == (1 if lazy_rows is None else 2)
-    table = model.item_embedding.weight
+    tables = training._lazy_tables(model, config, torch.device("cpu"), distributed=False)
+    assert tables == ([] if lazy_rows is None else [model.item_embedding])
+    for table in tables:
+        table.sparse = True
+    optimizers = training._optimizers(model, config, tables)
+    weight = model.item_embedding.weight
     labels = torch.tensor([1.0, 0.0])
     rows = []
     for items in ([3, 4], [7, 8]):
@@ -106,32 +110,23 @@ def test_lazy_adam_moves_only_the_rows_a_batch_looks_up(lazy_rows):
         training.batch_losses(model, _batch(items), labels, torch.ones(51))[2].backward()
         for optimizer in optimizers:
             optimizer.step()
-        rows.append(table[3].detach().clone())
-    assert table.grad.is_sparse == (lazy_rows is not None)
+        rows.append(weight[3].detach().clone())
+    assert weight.grad.is_sparse == (lazy_rows is not None)
     assert torch.equal(rows[0], rows[1]) == (lazy_rows is not None)
 
 
-def test_lazy_adam_takes_din_mini_batch_aware_l2():
-    """DIN's regularisation looks rows up through the table, so its gradient stays sparse."""
+def test_lazy_adam_is_for_eager_one_process_cpu_training():
+    """Data-parallel, compiled and GPU training keep every table dense."""
     from attention_ctr import training
-    from attention_ctr.models import build_model
 
-    model = build_model(
-        "din",
-        n_items=50,
-        n_categories=5,
-        n_behaviors=2,
-        n_time_gap_buckets=4,
-        max_history=4,
-        l2_weight=0.1,
-    )
-    optimizers = training._optimizers(model, training.TrainingConfig(lazy_embedding_rows=6), False)
-    batch = _batch([3, 4])
-    total = training.batch_losses(model, batch, torch.tensor([1.0, 0.0]), torch.ones(51))[2]
-    total.backward()
-    for optimizer in optimizers:
-        optimizer.step()
-    assert model.item_embedding.weight.grad.is_sparse
+    model, cpu = _din(), torch.device("cpu")
+    config = training.TrainingConfig(lazy_embedding_rows=6)
+    lazy = training._lazy_tables(model, config, cpu, distributed=False)
+    assert lazy == [model.item_embedding, model.category_embedding]
+    assert training._lazy_tables(model, config, cpu, distributed=True) == []
+    assert training._lazy_tables(model, config, torch.device("cuda"), distributed=False) == []
+    compiled = training.TrainingConfig(lazy_embedding_rows=6, compile=True)
+    assert training._lazy_tables(model, compiled, cpu, distributed=False) == []
 
 
 def test_lazy_adam_refuses_weight_decay_and_bad_row_counts():
@@ -140,9 +135,9 @@ def test_lazy_adam_refuses_weight_decay_and_bad_row_counts():
 
     config = training.TrainingConfig(lazy_embedding_rows=10, weight_decay=1e-4)
     with pytest.raises(InputError, match="training.weight_decay is 0.0001.*lazy_embedding_rows"):
-        training._optimizers(_din(), config, distributed=False)
+        training._lazy_tables(_din(), config, torch.device("cpu"), distributed=False)
     # data-parallel training keeps dense Adam, so weight decay is fine there
-    assert len(training._optimizers(_din(), config, distributed=True)) == 1
+    assert training._lazy_tables(_din(), config, torch.device("cpu"), distributed=True) == []
     for rows in (0, -5, 2.5, True, "many"):
         with pytest.raises(InputError, match="training.lazy_embedding_rows"):
             training.TrainingConfig.from_params({"lazy_embedding_rows": rows})

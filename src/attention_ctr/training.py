@@ -244,46 +244,48 @@ def _from_rank_zero(value):
     return holder[0]
 
 
-def _optimizers(
-    model: nn.Module, config: TrainingConfig, distributed: bool
-) -> list[torch.optim.Optimizer]:
-    """Adam; embedding tables of at least `lazy_embedding_rows` rows get lazy Adam
-    (`SparseAdam`: sparse gradients, and only the rows a batch looks up move).
+def _lazy_tables(model: nn.Module, config: TrainingConfig, device, distributed: bool) -> list:
+    """The embedding tables that train with lazy Adam: those of at least
+    `lazy_embedding_rows` rows, in eager one-process training on the CPU.
 
     Dense Adam updates every row of every table at every step, so on the CPU a DIN step slows
     with the size of the item table, while a lazy step costs about the same at any size
-    (benchmarks/results/training_item_rows.md). Data-parallel training keeps dense Adam throughout:
-    NCCL has no sparse all-reduce, and one rule keeps CPU and GPU runs alike.
+    (benchmarks/results/training_item_rows.md). Elsewhere tables stay dense: DDP's sparse
+    gradients are gloo-only (not NCCL), sparse lookups break torch.compile's graph, and on a
+    GPU the dense update is cheap.
     """
     rows = config.lazy_embedding_rows
-    lazy = [
-        (name, table)
-        for name, table in model.named_modules()
-        if isinstance(table, nn.Embedding)
-        and not distributed
-        and rows is not None
-        and table.num_embeddings >= rows
+    if rows is None or distributed or config.compile or device.type != "cpu":
+        return []
+    tables = [
+        table
+        for table in model.modules()
+        if isinstance(table, nn.Embedding) and table.num_embeddings >= rows
     ]
-    if lazy and config.weight_decay:
+    if tables and config.weight_decay:
         raise InputError(
             f"Parameter training.weight_decay is {config.weight_decay}, but tables of "
             f"{rows:,}+ rows get lazy Adam (training.lazy_embedding_rows), which has no weight "
             "decay: set weight_decay to 0 (DIN's l2_weight regularises the embeddings a batch "
             "uses) or lazy_embedding_rows to null"
         )
-    for name, table in lazy:
-        table.sparse = True
-        logger.info("Lazy Adam for %s (%s rows)", name, f"{table.num_embeddings:,}")
-    lazy_weights = [table.weight for _, table in lazy]
-    dense = [p for p in model.parameters() if all(p is not weight for weight in lazy_weights)]
+    return tables
+
+
+def _optimizers(model: nn.Module, config: TrainingConfig, lazy_tables: list) -> list:
+    """Fused Adam over the parameters, and SparseAdam (lazy Adam: only the rows a batch looks
+    up move) over the weights of `lazy_tables`, whose lookups must be sparse."""
+    lazy = [table.weight for table in lazy_tables]
+    lazy_ids = {id(weight) for weight in lazy}
+    dense = [p for p in model.parameters() if id(p) not in lazy_ids]
     # fused: one kernel over all parameters (CPU and CUDA) instead of a loop over tensors
     optimizers = [
         torch.optim.Adam(
             dense, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
         )
     ]
-    if lazy_weights:
-        optimizers.append(torch.optim.SparseAdam(lazy_weights, lr=config.learning_rate))
+    if lazy:
+        optimizers.append(torch.optim.SparseAdam(lazy, lr=config.learning_rate))
     return optimizers
 
 
@@ -318,7 +320,6 @@ def fit(
         keep_freed_memory_for_reuse()
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed + rank)
-    optimizers = _optimizers(model, config, distributed)
     autocast = lambda: _autocast(device, config)  # noqa: E731
     _check_cpu_bf16(device, config)
     if config.compile and device.type == "cpu" and not has_cxx_compiler():
@@ -335,81 +336,90 @@ def fit(
         # torch.compile fuses the elementwise work of forward and backward (Dice, masks,
         # gates) into a few kernels; it pays a one-off compile per model.
         losses = torch.compile(batch_losses) if config.compile else batch_losses
+    lazy_tables = _lazy_tables(model, config, device, distributed)
+    for table in lazy_tables:
+        logger.info("Lazy Adam for a %s-row embedding table", f"{table.num_embeddings:,}")
+    optimizers = _optimizers(model, config, lazy_tables)
     best_auc, best_state, stale, history = -math.inf, None, 0, []
     validation_labels = validation.label.cpu().numpy() if validation is not None else None
 
     # None: tqdm turns itself off off-terminal; one rank draws the bars
     show = None if config.progress_bar and rank == 0 else True
     epochs = tqdm(range(1, config.epochs + 1), desc=model.name, unit="epoch", disable=show)
-    for epoch in epochs:
-        model.train()
-        started = time.perf_counter()
-        loss_sum, auxiliary_sum, seen = 0.0, 0.0, 0
-        steps = math.ceil(len(train) / batch_size)
-        bar = tqdm(
-            _epoch_batches(train, batch_size, generator, config.length_window),
-            total=steps,
-            desc=f"{model.name} epoch {epoch}",
-            disable=show,
-            leave=False,
-        )
-        for batch, labels in bar:
-            with autocast():
-                loss, auxiliary, total = losses(model, batch, labels, item_frequency)
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-            size = len(labels)
-            seen += size
-            loss_sum += loss.item() * size
-            if auxiliary is not None:
-                auxiliary_sum += auxiliary.item() * size
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
-        train_seconds = time.perf_counter() - started
-        loss_sum, auxiliary_sum, seen = _all_ranks([loss_sum, auxiliary_sum, float(seen)])
+    built = [table.sparse for table in lazy_tables]
+    try:
+        for table in lazy_tables:
+            table.sparse = True
+        for epoch in epochs:
+            model.train()
+            started = time.perf_counter()
+            loss_sum, auxiliary_sum, seen = 0.0, 0.0, 0
+            steps = math.ceil(len(train) / batch_size)
+            bar = tqdm(
+                _epoch_batches(train, batch_size, generator, config.length_window),
+                total=steps,
+                desc=f"{model.name} epoch {epoch}",
+                disable=show,
+                leave=False,
+            )
+            for batch, labels in bar:
+                with autocast():
+                    loss, auxiliary, total = losses(model, batch, labels, item_frequency)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                for optimizer in optimizers:
+                    optimizer.step()
+                size = len(labels)
+                seen += size
+                loss_sum += loss.item() * size
+                if auxiliary is not None:
+                    auxiliary_sum += auxiliary.item() * size
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+            train_seconds = time.perf_counter() - started
+            loss_sum, auxiliary_sum, seen = _all_ranks([loss_sum, auxiliary_sum, float(seen)])
 
-        metrics = None
-        if rank == 0:
-            probabilities = predict(model, validation, config.eval_batch_size, autocast)
-            metrics = score(validation_labels, probabilities)
-        metrics = _from_rank_zero(metrics)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": loss_sum / max(seen, 1),
-                "train_auxiliary_loss": auxiliary_sum / max(seen, 1),
-                "validation_auc": metrics["auc"],
-                "validation_logloss": metrics["logloss"],
-                "train_seconds": train_seconds,
-                "train_samples_per_second": seen / train_seconds,
-            }
-        )
-        logger.info(
-            "%s epoch %d: loss %.4f, validation AUC %.4f, logloss %.4f, %.0f samples/s",
-            model.name,
-            epoch,
-            history[-1]["train_loss"],
-            metrics["auc"],
-            metrics["logloss"],
-            history[-1]["train_samples_per_second"],
-        )
-        epochs.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_auc=f"{metrics['auc']:.4f}")
-        if metrics["auc"] > best_auc:
-            best_auc, stale = metrics["auc"], 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= config.patience:
-                logger.info(
-                    "%s: early stop after epoch %d (best AUC %.4f)", model.name, epoch, best_auc
-                )
-                break
-
-    for table in model.modules():
-        if isinstance(table, nn.Embedding):
-            table.sparse = False  # the trained model is as built
+            metrics = None
+            if rank == 0:
+                probabilities = predict(model, validation, config.eval_batch_size, autocast)
+                metrics = score(validation_labels, probabilities)
+            metrics = _from_rank_zero(metrics)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": loss_sum / max(seen, 1),
+                    "train_auxiliary_loss": auxiliary_sum / max(seen, 1),
+                    "validation_auc": metrics["auc"],
+                    "validation_logloss": metrics["logloss"],
+                    "train_seconds": train_seconds,
+                    "train_samples_per_second": seen / train_seconds,
+                }
+            )
+            logger.info(
+                "%s epoch %d: loss %.4f, validation AUC %.4f, logloss %.4f, %.0f samples/s",
+                model.name,
+                epoch,
+                history[-1]["train_loss"],
+                metrics["auc"],
+                metrics["logloss"],
+                history[-1]["train_samples_per_second"],
+            )
+            epochs.set_postfix(
+                loss=f"{history[-1]['train_loss']:.4f}", val_auc=f"{metrics['auc']:.4f}"
+            )
+            if metrics["auc"] > best_auc:
+                best_auc, stale = metrics["auc"], 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    logger.info(
+                        "%s: early stop after epoch %d (best AUC %.4f)", model.name, epoch, best_auc
+                    )
+                    break
+    finally:
+        for table, sparse in zip(lazy_tables, built):
+            table.sparse = sparse  # the model leaves as it came
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.cpu().eval(), pd.DataFrame(history)

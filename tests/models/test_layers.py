@@ -331,6 +331,12 @@ def test_minibatch_aware_l2_counts_each_present_row_once_over_its_frequency():
     touched = weight.grad.abs().sum(1) != 0
     assert touched.tolist() == [False, False, True, False, True, False]
 
+    # looked up through the table: a sparse table (lazy Adam) gets a sparse gradient
+    sparse = torch.nn.Embedding(6, 3, sparse=True)
+    minibatch_aware_l2(sparse, ids, frequency).backward()
+    assert sparse.weight.grad.is_sparse
+    assert sorted(sparse.weight.grad.coalesce().indices()[0].tolist()) == [2, 4]
+
 
 def test_behavior_embedding_gradients_reach_each_lookup():
     """Target, history and negative history: each one's gradient lands on its own ids (and

@@ -207,9 +207,18 @@ def test_lazy_adam_learns_like_dense_adam(trained):
     for lazy_rows in (None, 1):
         seed_everything(2024)
         model = build_model("din", **{key: spec[key] for key in FEATURE_KEYS}, l2_weight=0.01)
+        before = model.item_embedding.weight.detach().clone()
         config = TrainingConfig(epochs=2, progress_bar=False, lazy_embedding_rows=lazy_rows)
         model, history = fit(model, train, validation, config, frequency)
         aucs.append(history["validation_auc"].iloc[-1])
         assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        # the optimiser of the item table stepped: exactly the rows training looked up moved
+        moved = (model.item_embedding.weight.detach() != before).any(1)
+        every = train.batch(torch.arange(len(train)))
+        looked_up = torch.zeros_like(moved)
+        looked_up[every["target_item"]] = True
+        looked_up[every["hist_item"][every["mask"]]] = True
+        looked_up[0] = False  # padding
+        assert torch.equal(moved, looked_up)
     assert aucs[1] > 0.6
     assert abs(aucs[1] - aucs[0]) < 0.03
