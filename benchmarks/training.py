@@ -18,10 +18,11 @@ reports each one's median rate, and the ratio from those. What it prints is also
 benchmarks/results/training.md, under the command, date and machine.
 
 `--item-rows N ...` measures instead what the item table's size costs a DIN step on the CPU
-(eager fp32, batch 256; `--models`, `--batch-sizes` and the variants do not apply): the same
-samples with the table widened to N rows (the extra rows are never looked up, like most of a
-large catalogue's items in any one batch), under dense Adam and under lazy Adam
-(`training.lazy_embedding_rows`). It writes benchmarks/results/training_item_rows.md.
+(float32, batch 256; `--models`, `--batch-sizes` and the variants above do not apply): the
+same samples with the table widened to N rows (the extra rows are never looked up, like most
+of a large catalogue's items in any one batch), eager under dense Adam and under lazy Adam
+(`training.lazy_embedding_rows`), and compiled, which keeps dense Adam. It writes
+benchmarks/results/training_item_rows.md.
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ from attention_ctr.models import build_model
 from attention_ctr.pipelines.training.nodes import training_config
 from attention_ctr.sequences import SampleTensors
 from attention_ctr.settings import CONFIG_LOADER_ARGS
-from attention_ctr.training import TrainingConfig, fit, pick_device, seed_everything
+from attention_ctr.training import (
+    TrainingConfig,
+    fit,
+    has_cxx_compiler,
+    pick_device,
+    seed_everything,
+)
 
 
 def recurrence_kernel() -> str:
@@ -62,26 +69,32 @@ def project_length_windows(names: list[str]) -> dict[str, int]:
 
 
 def time_item_rows(rows_list, sizes, train, validation, device, epochs: int) -> int:
-    """DIN's samples/s with an item table of each size, under dense and under lazy Adam."""
+    """DIN's samples/s with an item table of each size: eager under dense and under lazy Adam,
+    and compiled (which keeps dense Adam) when there is a C++ compiler."""
+    variants = [("eager, dense Adam", False, None), ("eager, lazy Adam", False, "rows")]
+    if has_cxx_compiler():
+        variants.append(("compiled, dense", True, "rows"))
     for rows in rows_list:
-        for optimiser, lazy_rows in (("dense Adam", None), ("lazy Adam", rows)):
+        for variant, compiled, lazy_rows in variants:
             seed_everything(2024)
             widened = {**sizes, "n_items": max(sizes["n_items"], rows - 1)}
             model = build_model("din", **widened, **fixed_size("din"))
             config = TrainingConfig(
                 device=str(device),
-                epochs=epochs,
-                patience=epochs + 1,
+                # compiled: one extra epoch, timed alone (the first absorbs the compilation)
+                epochs=epochs + compiled,
+                patience=epochs + 2,
                 batch_size=256,
                 bf16_on_gpu=False,
+                compile=compiled,
                 progress_bar=False,
-                lazy_embedding_rows=lazy_rows,
+                lazy_embedding_rows=rows if lazy_rows == "rows" else None,
             )
             _, history = fit(model, train, validation, config)
             print(
-                f"din {optimiser:10s} item table {widened['n_items'] + 1:>10,d} rows "
+                f"din {variant:18s} item table {widened['n_items'] + 1:>10,d} rows "
                 f"{history['train_samples_per_second'].iloc[-1]:>9,.0f} samples/s   "
-                f"val AUC {history['validation_auc'].iloc[-1]:.4f}",
+                f"val AUC {history['validation_auc'].iloc[epochs - 1]:.4f}",
                 flush=True,
             )
     return 0
