@@ -11,6 +11,9 @@ import sys
 import pytest
 import torch
 
+from attention_ctr import training
+from attention_ctr.errors import InputError
+from attention_ctr.models import build_model
 from attention_ctr.training import keep_freed_memory_for_reuse
 
 
@@ -58,8 +61,6 @@ def test_blocks_above_the_mmap_ceiling_come_from_the_heap():
 @pytest.mark.parametrize("amx", [False, True], ids=["no AMX", "AMX"])
 def test_bf16_on_cpu_warns_without_amx(amx, monkeypatch, caplog):
     """bf16 autocast on the CPU pays off with AMX; without it training says it may be slower."""
-    from attention_ctr import training
-
     monkeypatch.setattr(training, "_cpu_has_amx", lambda: amx)
     config = training.TrainingConfig(device="cpu", bf16_on_cpu=True)
     with caplog.at_level("WARNING", logger=training.logger.name):
@@ -67,12 +68,10 @@ def test_bf16_on_cpu_warns_without_amx(amx, monkeypatch, caplog):
     assert ("no AMX" in caplog.text) == (not amx)
 
 
-def _din(n_items: int = 50):
-    from attention_ctr.models import build_model
-
+def _din():
     torch.manual_seed(0)
     return build_model(
-        "din", n_items=n_items, n_categories=5, n_behaviors=2, n_time_gap_buckets=4, max_history=4
+        "din", n_items=50, n_categories=5, n_behaviors=2, n_time_gap_buckets=4, max_history=4
     )
 
 
@@ -92,8 +91,6 @@ def _batch(items: list[int]) -> dict[str, torch.Tensor]:
 def test_lazy_adam_moves_only_the_rows_a_batch_looks_up(lazy_rows):
     """With lazy Adam (tables of >= `lazy_embedding_rows` rows) an item row seen in one step
     stays put in the next step that does not look it up; dense Adam's momentum moves it."""
-    from attention_ctr import training
-
     model = _din()
     config = training.TrainingConfig(lazy_embedding_rows=lazy_rows)
     tables = training._lazy_tables(model, config, torch.device("cpu"), distributed=False)
@@ -117,8 +114,6 @@ def test_lazy_adam_moves_only_the_rows_a_batch_looks_up(lazy_rows):
 
 def test_lazy_adam_is_for_eager_one_process_cpu_training():
     """Data-parallel, compiled and GPU training keep every table dense."""
-    from attention_ctr import training
-
     model, cpu = _din(), torch.device("cpu")
     config = training.TrainingConfig(lazy_embedding_rows=6)
     lazy = training._lazy_tables(model, config, cpu, distributed=False)
@@ -130,9 +125,6 @@ def test_lazy_adam_is_for_eager_one_process_cpu_training():
 
 
 def test_lazy_adam_refuses_weight_decay_and_bad_row_counts():
-    from attention_ctr import training
-    from attention_ctr.errors import InputError
-
     config = training.TrainingConfig(lazy_embedding_rows=10, weight_decay=1e-4)
     with pytest.raises(InputError, match="training.weight_decay is 0.0001.*lazy_embedding_rows"):
         training._lazy_tables(_din(), config, torch.device("cpu"), distributed=False)

@@ -269,6 +269,8 @@ def _lazy_tables(model: nn.Module, config: TrainingConfig, device, distributed: 
             "decay: set weight_decay to 0 (DIN's l2_weight regularises the embeddings a batch "
             "uses) or lazy_embedding_rows to null"
         )
+    for table in tables:
+        logger.info("Lazy Adam for a %s-row embedding table", f"{table.num_embeddings:,}")
     return tables
 
 
@@ -337,8 +339,6 @@ def fit(
         # gates) into a few kernels; it pays a one-off compile per model.
         losses = torch.compile(batch_losses) if config.compile else batch_losses
     lazy_tables = _lazy_tables(model, config, device, distributed)
-    for table in lazy_tables:
-        logger.info("Lazy Adam for a %s-row embedding table", f"{table.num_embeddings:,}")
     optimizers = _optimizers(model, config, lazy_tables)
     best_auc, best_state, stale, history = -math.inf, None, 0, []
     validation_labels = validation.label.cpu().numpy() if validation is not None else None
